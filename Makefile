@@ -1,0 +1,45 @@
+# flair-fl developer commands. `make help` lists them.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export FLWR_TELEMETRY_ENABLED := 0
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run test test-full lint format typecheck explore clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv and install flair-fl (editable) with dev tools; idempotent
+
+run: setup ## Run the main job on the embedded synthetic default (python -m flair_fl.run)
+	$(PY) -m flair_fl.run $(ARGS)
+
+test: setup ## Run the fast test suite
+	$(PY) -m pytest -q $(ARGS)
+
+test-full: setup ## Run every test, slow ones included
+	$(PY) -m pytest -q -m "" $(ARGS)
+
+lint: setup ## ruff lint + format check, mypy
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+format: setup ## Apply ruff formatting and safe fixes
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+explore: setup ## Dataset report: make explore DATA=path/to/raw-dir-or.hdf5
+	$(PY) -m flair_fl.explore $(DATA) $(ARGS)
+
+clean: ## Remove caches (keeps .venv, data and outputs)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache

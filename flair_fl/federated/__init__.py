@@ -1,0 +1,1 @@
+"""Flower glue: the ClientApp, the ServerApp round loop, cohort sampling, simulation."""

@@ -1,0 +1,188 @@
+"""The ClientApp: one message = one FLAIR user's local training (or evaluation).
+
+The closure captures only `ClientSpec` (plain values, re-sent with the app). The HDF5 reader,
+the model and transforms live in the actor process, created lazily and kept between users.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from hydra.utils import instantiate
+from torch import nn
+
+from flair_fl.data.datasets import UserDataset, build_transform
+from flair_fl.data.hdf5 import FlairHDF5, LabelSet
+from flair_fl.federated.sampling import derive_seed
+from flair_fl.metrics import MetricState
+from flair_fl.models.params import load_trainable, trainable_state
+from flair_fl.training import LocalTraining, evaluate, train_local
+
+ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, META_KEY = "arrays", "config", "metrics", "meta"
+UNIFORM_WEIGHT_KEY = "uniform-weight"  # always 1: per-user (unweighted) averaging
+EXAMPLES_WEIGHT_KEY = "num-examples"
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """Everything a client needs, as plain values."""
+
+    hdf5_path: str
+    label_set: LabelSet
+    input_size: int
+    num_labels: int
+    model: dict[str, Any]  # Hydra node of a model factory (`_partial_: true`)
+    training: LocalTraining
+    max_images: int | None
+    seed: int
+    use_gpu: bool = False
+    num_threads: int = 1
+    eval_batch_size: int = 512
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Runtime:
+    """Per-process state: reader, resident model, transforms, device."""
+
+    def __init__(self, spec: ClientSpec):
+        torch.set_num_threads(max(1, spec.num_threads))
+        self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
+        self.reader = FlairHDF5(spec.hdf5_path)
+        self.model: nn.Module = instantiate(spec.model)(num_classes=spec.num_labels)
+        self.model.to(self.device)
+        self.train_transform = build_transform(train=True, size=spec.input_size)
+        self.eval_transform = build_transform(train=False, size=spec.input_size)
+
+
+_RUNTIMES: dict[tuple[int, str], _Runtime] = {}
+
+
+def _runtime(spec: ClientSpec) -> _Runtime:
+    key = (os.getpid(), repr(spec))
+    if key not in _RUNTIMES:
+        _RUNTIMES.clear()  # one spec per process at a time: free the previous model
+        _RUNTIMES[key] = _Runtime(spec)
+    return _RUNTIMES[key]
+
+
+def _load_global(runtime: _Runtime, msg: Message) -> None:
+    state = msg.content.array_records[ARRAYS_KEY].to_torch_state_dict()
+    load_trainable(runtime.model, state)
+
+
+def client_train(spec: ClientSpec, msg: Message) -> Message:
+    """Train the global model on one user's data; reply with the new trainable weights."""
+    runtime = _runtime(spec)
+    config = msg.content.config_records[CONFIG_KEY]
+    user_id, server_round = str(config["user-id"]), int(str(config["server-round"]))
+    _load_global(runtime, msg)
+    dataset = UserDataset.from_file(
+        runtime.reader, "train", user_id, spec.label_set, runtime.train_transform, spec.max_images
+    )
+    seed = derive_seed(spec.seed, "client", server_round, user_id)
+    torch.manual_seed(seed)  # transforms draw from torch's global RNG
+    generator = torch.Generator().manual_seed(seed)
+    settings = spec.training
+    mu = float(str(config.get("proximal-mu", settings.proximal_mu)))
+    if mu != settings.proximal_mu:
+        settings = LocalTraining(**{**settings.__dict__, "proximal_mu": mu})
+    stats = train_local(runtime.model, dataset, settings, runtime.device, generator)
+    metrics = MetricRecord(
+        {
+            "train-loss": stats["train_loss"],
+            EXAMPLES_WEIGHT_KEY: int(stats["num_examples"]),
+            UNIFORM_WEIGHT_KEY: 1,
+            "num-steps": int(stats["num_steps"]),
+        }
+    )
+    content = RecordDict(
+        {
+            ARRAYS_KEY: ArrayRecord(trainable_state(runtime.model)),
+            METRICS_KEY: metrics,
+            META_KEY: ConfigRecord(
+                {"user-id": user_id, "cohort-index": int(str(config["cohort-index"]))}
+            ),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def client_evaluate(spec: ClientSpec, msg: Message) -> Message:
+    """Evaluate the global model on one (val) user; reply with summable metric statistics."""
+    runtime = _runtime(spec)
+    config = msg.content.config_records[CONFIG_KEY]
+    user_id, split = str(config["user-id"]), str(config.get("split", "val"))
+    _load_global(runtime, msg)
+    dataset = UserDataset.from_file(
+        runtime.reader, split, user_id, spec.label_set, runtime.eval_transform
+    )
+    state = evaluate(runtime.model, dataset, spec.num_labels, spec.eval_batch_size, runtime.device)
+    content = RecordDict(
+        {
+            METRICS_KEY: metric_state_to_record(state),
+            META_KEY: ConfigRecord(
+                {"user-id": user_id, "cohort-index": int(str(config["cohort-index"]))}
+            ),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def metric_state_to_record(state: MetricState) -> MetricRecord:
+    """Flatten summable metric statistics into a MetricRecord (int lists)."""
+    return MetricRecord(
+        {
+            "tp": state.tp.ravel().tolist(),
+            "fp": state.fp.ravel().tolist(),
+            "fn": state.fn.ravel().tolist(),
+            "tp-half": state.tp_half.tolist(),
+            "fp-half": state.fp_half.tolist(),
+            "fn-half": state.fn_half.tolist(),
+            "loss-sum": state.loss_sum,
+            "num-images": state.num_images,
+            EXAMPLES_WEIGHT_KEY: state.num_images,
+            UNIFORM_WEIGHT_KEY: 1,
+        }
+    )
+
+
+def metric_state_from_record(record: MetricRecord, num_labels: int) -> MetricState:
+    """Inverse of `metric_state_to_record`."""
+
+    def grid(key: str) -> np.ndarray:
+        return np.asarray(record[key], dtype=np.int64).reshape(-1, num_labels)
+
+    def row(key: str) -> np.ndarray:
+        return np.asarray(record[key], dtype=np.int64)
+
+    return MetricState(
+        grid("tp"),
+        grid("fp"),
+        grid("fn"),
+        row("tp-half"),
+        row("fp-half"),
+        row("fn-half"),
+        float(np.asarray(record["loss-sum"])),
+        int(np.asarray(record["num-images"])),
+    )
+
+
+def make_client_app(spec: ClientSpec) -> ClientApp:
+    """A ClientApp whose train/evaluate handlers serve FLAIR users named in the message."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return client_train(spec, msg)
+
+    @app.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        return client_evaluate(spec, msg)
+
+    return app

@@ -1,0 +1,40 @@
+"""One progress line per round with elapsed time and ETA."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class ConsoleProgress:
+    """Prints `round r/N | train loss | val AP | elapsed | ETA` lines."""
+
+    def __init__(self, num_rounds: int, start_round: int = 1):
+        self.num_rounds, self.start_round = num_rounds, start_round
+        self.started = time.perf_counter()
+
+    def line(self, server_round: int, metrics: dict[str, Any]) -> str:
+        elapsed = time.perf_counter() - self.started
+        done = server_round - self.start_round + 1
+        eta = elapsed / done * (self.num_rounds - server_round) if done > 0 else 0.0
+        parts = [f"round {server_round:>{len(str(self.num_rounds))}}/{self.num_rounds}"]
+        if "train_loss" in metrics:
+            parts.append(f"train loss {metrics['train_loss']:.4f}")
+        if "val_macro_ap" in metrics:
+            parts.append(
+                f"val macro AP {metrics['val_macro_ap']:.4f} micro AP {metrics['val_micro_ap']:.4f}"
+            )
+        if metrics.get("clients_failed"):
+            parts.append(f"failed clients {metrics['clients_failed']}")
+        parts.append(f"elapsed {_duration(elapsed)} ETA {_duration(eta)}")
+        return " | ".join(parts)
+
+    def log_round(self, server_round: int, metrics: dict[str, Any]) -> None:
+        print(self.line(server_round, metrics), flush=True)

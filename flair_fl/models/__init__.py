@@ -1,0 +1,1 @@
+"""Models for FLAIR multi-label classification (they know nothing of data or Flower)."""

@@ -1,0 +1,84 @@
+"""Local training and evaluation loops in plain PyTorch (no Flower, no data formats).
+
+The federated client, the centralized baseline and the benchmark reference all call these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from flair_fl.metrics import MetricState
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """One client's local optimisation settings."""
+
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 0.01
+    momentum: float = 0.0
+    grad_clip: float | None = 10.0  # max L2 norm of each step's gradient; None disables
+    proximal_mu: float = 0.0  # FedProx: adds mu/2 * ||w - w_global||^2 to the loss
+
+
+def train_local(
+    model: nn.Module,
+    dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
+    settings: LocalTraining,
+    device: torch.device,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Train `model` in place with SGD on `dataset`; returns mean loss and counts.
+
+    `generator` fixes the data order (the caller seeds it per seed, round and user).
+    """
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
+    global_params = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
+    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator)
+    loss_sum, seen, steps = 0.0, 0, 0
+    for _ in range(settings.epochs):
+        for images, targets in loader:
+            images, targets = images.to(device), targets.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.binary_cross_entropy_with_logits(model(images), targets)
+            total = loss
+            if global_params:
+                total = loss + settings.proximal_mu / 2 * sum(
+                    torch.sum((p - g) ** 2) for p, g in zip(params, global_params, strict=True)
+                )
+            total.backward()
+            if settings.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            optimizer.step()
+            loss_sum += loss.item() * len(images)
+            seen += len(images)
+            steps += 1
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "num_examples": float(len(dataset)),  # type: ignore[arg-type]
+        "num_steps": float(steps),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
+    num_labels: int,
+    batch_size: int,
+    device: torch.device,
+) -> MetricState:
+    """FLAIR metric statistics of `model` over `dataset` (sequential order)."""
+    model.to(device).eval()
+    state = MetricState.zeros(num_labels)
+    for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        state = state + MetricState.from_batch(model(images.to(device)), targets.to(device))
+    return state

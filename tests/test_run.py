@@ -1,0 +1,235 @@
+"""End-to-end runs through the real Hydra configs and the real Flower simulation (Ray)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+from hydra.errors import MissingConfigException
+from hydra.utils import get_method, instantiate
+from omegaconf import OmegaConf
+
+from flair_fl.config_checks import ConfigError
+from flair_fl.data.raw import FlairFormatError
+from flair_fl.experiment import run_experiment
+from flair_fl.federated.sampling import CohortSampler
+from tests.helpers import CONF_DIR, compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+METRIC_KEYS = {
+    "round",
+    "train_loss",
+    "clients_ok",
+    "clients_failed",
+    "round_time_s",
+    "val_loss",
+    "val_macro_ap",
+    "val_micro_ap",
+    "val_macro_f1",
+    "val_micro_f1",
+}
+
+
+def _rows(run_dir: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _group_options() -> list[tuple[str, str]]:
+    return [
+        (group.name, option.stem)
+        for group in sorted(CONF_DIR.iterdir())
+        if group.is_dir()
+        for option in sorted(group.glob("*.yaml"))
+    ]
+
+
+@pytest.mark.parametrize(("group", "option"), _group_options())
+def test_every_group_option_composes(group: str, option: str) -> None:
+    cfg = compose_config([f"{group}={option}"])
+
+    targets = [node["_target_"] for node in _target_nodes(OmegaConf.to_container(cfg))]
+    assert targets, "a composed run config always has _target_ nodes"
+    for target in targets:
+        assert callable(get_method(target))  # every _target_ resolves to a real callable
+
+
+def _target_nodes(node: object) -> list[dict[str, object]]:
+    if isinstance(node, dict):
+        found = [node] if "_target_" in node else []
+        return found + [n for v in node.values() for n in _target_nodes(v)]
+    if isinstance(node, list):
+        return [n for v in node for n in _target_nodes(v)]
+    return []
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
+def test_end_to_end_run_writes_complete_metrics(
+    strategy: str, run_overrides: list[str], tmp_path: Path
+) -> None:
+    cfg = compose_config([*run_overrides, f"strategy={strategy}"])
+
+    summary = run_experiment(cfg, tmp_path)
+
+    rows = _rows(tmp_path)
+    assert [r["round"] for r in rows] == list(range(1, cfg.num_rounds + 1))
+    for row in rows:  # debug=tiny evaluates every round
+        assert set(row) >= METRIC_KEYS, METRIC_KEYS - set(row)
+        assert row["clients_ok"] == cfg.cohort_size and row["clients_failed"] == 0
+    csv_lines = (tmp_path / "metrics.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == cfg.num_rounds + 1  # header + one line per round
+    assert summary["rounds"] == cfg.num_rounds
+    assert json.loads((tmp_path / "summary.json").read_text())["rounds"] == cfg.num_rounds
+    assert {"final_test_macro_ap", "final_val_macro_ap", "untrained_val_macro_ap"} <= set(summary)
+    assert (tmp_path / "config_resolved.yaml").is_file()
+    state = torch.load(tmp_path / "model_final.pt")
+    assert any(not torch.equal(state[k], v) for k, v in _initial_state(cfg).items())
+
+
+def _initial_state(cfg: object) -> dict[str, torch.Tensor]:
+    from flair_fl.federated.sampling import derive_seed
+
+    data = instantiate(cfg.data)  # type: ignore[attr-defined]
+    torch.manual_seed(derive_seed(cfg.seed, "model-init"))  # type: ignore[attr-defined]
+    return dict(instantiate(cfg.model)(num_classes=data.num_labels).state_dict())  # type: ignore[attr-defined]
+
+
+def test_training_beats_the_untrained_model(run_overrides: list[str], tmp_path: Path) -> None:
+    cfg = compose_config(
+        [
+            *run_overrides,
+            "data.num_users=150",
+            "num_rounds=12",
+            "cohort_size=8",
+            "eval_every=12",
+            "client.epochs=2",
+            "client.lr=0.1",
+            "eval.test_at_end=false",
+            "simulation.num_supernodes=4",
+        ]
+    )
+
+    summary = run_experiment(cfg, tmp_path)
+
+    gain = summary["final_val_macro_ap"] - summary["untrained_val_macro_ap"]
+    assert gain > 0.05, summary
+    assert summary["final_val_micro_ap"] > summary["untrained_val_micro_ap"] + 0.1, summary
+
+
+def test_same_seed_same_run_and_other_seed_other_users(
+    run_overrides: list[str], tmp_path: Path
+) -> None:
+    runs = []
+    for name in ("a", "b"):
+        cfg = compose_config([*run_overrides, "seed=7"])
+        run_experiment(cfg, tmp_path / name)
+        runs.append(_rows(tmp_path / name))
+
+    timing = {"round_time_s", "elapsed_s"}
+    for row_a, row_b in zip(*runs, strict=True):
+        for key in set(row_a) - timing:
+            assert row_a[key] == pytest.approx(row_b[key], rel=1e-5, abs=1e-6), key
+    users = [f"u{i}" for i in range(50)]
+    assert CohortSampler(users, 5, 7).sample(3) == CohortSampler(users, 5, 7).sample(3)
+    assert CohortSampler(users, 5, 7).sample(3) != CohortSampler(users, 5, 8).sample(3)
+    assert CohortSampler(users, 5, 7).sample(3) != CohortSampler(users, 5, 7).sample(4)
+
+
+def test_only_trainable_parameters_travel(run_overrides: list[str], tmp_path: Path) -> None:
+    # BatchNorm running statistics change during local training (train mode) but are
+    # buffers: they must come back from no client and stay at their initial values.
+    cfg = compose_config([*run_overrides, "model.norm=batch"])
+    initial = _initial_state(cfg)
+
+    run_experiment(cfg, tmp_path)
+
+    final = torch.load(tmp_path / "model_final.pt")
+    buffers = [k for k in initial if "running_" in k or "num_batches_tracked" in k]
+    assert buffers
+    for key in buffers:
+        assert torch.equal(final[key], initial[key]), key
+    weights = [k for k in initial if k.endswith(".weight")]
+    assert any(not torch.equal(final[k], initial[k]) for k in weights)
+
+
+def test_sampler_draws_without_replacement() -> None:
+    sampler = CohortSampler([f"u{i}" for i in range(20)], 20, seed=1)
+
+    for server_round in range(1, 5):
+        assert sorted(sampler.sample(server_round)) == sorted(sampler.user_ids)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("cohort_size=100000", "cohort_size=100000: must be in [1, "),
+        ("num_rounds=0", "num_rounds=0: must be in [1, inf]"),
+        ("client.lr=-0.5", "client.lr=-0.5: must be in (0, inf]"),
+        ("client.batch_size=abc", "client.batch_size='abc': expected int"),
+        ("aggregation=median", "aggregation='median'"),
+    ],
+)
+def test_bad_config_value_names_the_key(
+    override: str, needle: str, run_overrides: list[str], tmp_path: Path
+) -> None:
+    cfg = compose_config([*run_overrides, override])
+
+    with pytest.raises(ConfigError) as err:
+        run_experiment(cfg, tmp_path)
+    assert needle in str(err.value)
+
+
+def test_unknown_group_option_lists_the_choices() -> None:
+    with pytest.raises(MissingConfigException) as err:
+        compose_config(["strategy=fedmagic"])
+    assert "fedmagic" in str(err.value) and "fedavg" in str(err.value)
+
+
+def test_missing_real_dataset_says_how_to_create_it(tmp_path: Path) -> None:
+    cfg = compose_config(["data=flair", f"data.path={tmp_path / 'nope.hdf5'}"])
+
+    with pytest.raises(FlairFormatError) as err:
+        run_experiment(cfg, tmp_path)
+    assert "prepare_flair.py" in str(err.value) and "download_flair.py" in str(err.value)
+
+
+def test_hdf5_without_val_split_is_refused(tiny_hdf5: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "no_val.hdf5"
+    damaged.write_bytes(tiny_hdf5.read_bytes())
+    with h5py.File(damaged, "a") as h5:
+        del h5["val"]
+    cfg = compose_config(["data=flair", f"data.path={damaged}", "data.input_size=32"])
+
+    with pytest.raises(FlairFormatError) as err:
+        run_experiment(cfg, tmp_path / "out")
+    assert "'val' split" in str(err.value)
+
+
+def test_multirun_sweep_writes_one_dir_per_job(run_overrides: list[str], tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        "-m",
+        "flair_fl.run",
+        "-m",
+        "strategy=fedavg,fedprox",
+        "num_rounds=1",
+        f"hydra.sweep.dir={sweep_dir}",
+        *run_overrides,
+    ]
+
+    done = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    job_dirs = sorted(p.parent for p in sweep_dir.glob("*/metrics.jsonl"))
+    assert len(job_dirs) == 2
+    strategies = {
+        OmegaConf.load(d / "config_resolved.yaml").strategy.server._target_ for d in job_dirs
+    }
+    assert strategies == {"flwr.serverapp.strategy.FedAvg", "flwr.serverapp.strategy.FedProx"}
