@@ -14,11 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from flair_fl.config_checks import validate_run_config
+from flair_fl.config_checks import ConfigError, validate_run_config
 from flair_fl.data.datasets import SplitDataset, build_transform
+from flair_fl.data.raw import FlairFormatError
 from flair_fl.data.source import FederatedData
 from flair_fl.federated.client_app import (
     EXAMPLES_WEIGHT_KEY,
@@ -39,6 +41,24 @@ from flair_fl.training import LocalTraining, evaluate
 
 log = logging.getLogger(__name__)
 WEIGHT_KEYS = {"uniform": UNIFORM_WEIGHT_KEY, "examples": EXAMPLES_WEIGHT_KEY}
+
+
+def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, with our own errors un-wrapped and bad values named.
+
+    Hydra wraps every exception of a target in InstantiationException; a user should see
+    "data.path=...: no prepared FLAIR HDF5 file" or "data: num_users must be >= 3", not a
+    Hydra traceback.
+    """
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError | FlairFormatError):
+            raise cause from None
+        if isinstance(cause, ValueError | TypeError):
+            raise ConfigError(f"{key}: {cause}") from None
+        raise
 
 
 def _device(name: str) -> torch.device:
@@ -65,19 +85,18 @@ class CentralEvaluator:
 
 def _build_strategy(cfg: DictConfig) -> Any:
     if cfg.aggregation not in WEIGHT_KEYS:
-        from flair_fl.config_checks import ConfigError
-
         raise ConfigError(
             f"aggregation={cfg.aggregation!r}: expected one of {', '.join(WEIGHT_KEYS)}"
         )
-    strategy = instantiate(
+    strategy = build(
         cfg.strategy.server,
+        "strategy.server",
         fraction_train=1e-9,  # the strategy's own node sampling is replaced by ours
         min_train_nodes=1,
         min_available_nodes=cfg.simulation.num_supernodes,
         weighted_by_key=WEIGHT_KEYS[cfg.aggregation],
     )
-    return instantiate(cfg.privacy).wrap(strategy)
+    return build(cfg.privacy, "privacy").wrap(strategy)
 
 
 def _client_spec(cfg: DictConfig, data: FederatedData) -> ClientSpec:
@@ -111,7 +130,7 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     validate_run_config(cfg)
-    data: FederatedData = instantiate(cfg.data)
+    data: FederatedData = build(cfg.data, "data")
     data.require_splits("train", "val", *(["test"] if cfg.eval.test_at_end else []))
     train_users = list(data.reader.population("train"))
     validate_run_config(cfg, num_train_users=len(train_users))
@@ -119,11 +138,11 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
 
     torch.manual_seed(derive_seed(cfg.seed, "model-init"))
     np.random.seed(derive_seed(cfg.seed, "numpy") % 2**32)
-    model = instantiate(cfg.model)(num_classes=data.num_labels)
+    model = build(cfg.model, "model")(num_classes=data.num_labels)
     initial = ArrayRecord(trainable_state(model))
     device = _device(cfg.device)
     evaluator = CentralEvaluator(model, data, cfg.eval.batch_size, device)
-    loggers: list[RunLogger] = [instantiate(node, out_dir=out) for node in cfg.logger.values()]
+    loggers: list[RunLogger] = [build(node, "logger", out_dir=out) for node in cfg.logger.values()]
     progress = ConsoleProgress(cfg.num_rounds)
 
     initial_val = evaluator(initial, "val")

@@ -102,12 +102,14 @@ def test_training_beats_the_untrained_model(run_overrides: list[str], tmp_path: 
     cfg = compose_config(
         [
             *run_overrides,
-            "data.num_users=150",
-            "num_rounds=12",
-            "cohort_size=8",
-            "eval_every=12",
-            "client.epochs=2",
-            "client.lr=0.1",
+            "data.num_users=200",
+            "data.image_size=32",
+            "data.input_size=32",
+            "num_rounds=15",
+            "cohort_size=10",
+            "eval_every=15",
+            "client.epochs=5",
+            "client.batch_size=8",
             "eval.test_at_end=false",
             "simulation.num_supernodes=4",
         ]
@@ -171,6 +173,7 @@ def test_sampler_draws_without_replacement() -> None:
         ("client.lr=-0.5", "client.lr=-0.5: must be in (0, inf]"),
         ("client.batch_size=abc", "client.batch_size='abc': expected int"),
         ("aggregation=median", "aggregation='median'"),
+        ("data.num_users=2", "data: num_users must be >= 3"),
     ],
 )
 def test_bad_config_value_names_the_key(

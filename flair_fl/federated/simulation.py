@@ -12,6 +12,14 @@ from flwr.serverapp import ServerApp
 from flair_fl.federated.server_app import LoopOutcome
 
 
+class _DropDeprecation(logging.Filter):
+    """run_simulation is the only in-process API that fits Hydra (shared/FLOWER_NOTES.md);
+    its deprecation notice would otherwise open every run twice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in record.getMessage()
+
+
 def run_simulation(
     server_app: ServerApp,
     client_app: ClientApp,
@@ -21,10 +29,13 @@ def run_simulation(
 ) -> None:
     """Run the apps to completion; re-raise any error of the ServerApp's round loop."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.WARNING)
+    if not any(isinstance(f, _DropDeprecation) for f in flwr_log.filters):
+        flwr_log.addFilter(_DropDeprecation())
     flwr_run_simulation(
         server_app=server_app,
         client_app=client_app,

@@ -14,16 +14,26 @@ def _duration(seconds: float) -> str:
 
 
 class ConsoleProgress:
-    """Prints `round r/N | train loss | val AP | elapsed | ETA` lines."""
+    """Prints `round r/N | train loss | val AP | elapsed | ETA` lines.
+
+    The ETA extrapolates the mean duration of the rounds after the first one (which pays
+    for Ray's actor start-up), so it is right from round 2 on.
+    """
 
     def __init__(self, num_rounds: int, start_round: int = 1):
         self.num_rounds, self.start_round = num_rounds, start_round
         self.started = time.perf_counter()
+        self.first_round_done: float | None = None
 
     def line(self, server_round: int, metrics: dict[str, Any]) -> str:
-        elapsed = time.perf_counter() - self.started
-        done = server_round - self.start_round + 1
-        eta = elapsed / done * (self.num_rounds - server_round) if done > 0 else 0.0
+        now = time.perf_counter()
+        elapsed = now - self.started
+        if self.first_round_done is None:
+            self.first_round_done = now
+            per_round = float(metrics.get("round_time_s", elapsed))
+        else:
+            per_round = (now - self.first_round_done) / (server_round - self.start_round)
+        eta = per_round * (self.num_rounds - server_round)
         parts = [f"round {server_round:>{len(str(self.num_rounds))}}/{self.num_rounds}"]
         if "train_loss" in metrics:
             parts.append(f"train loss {metrics['train_loss']:.4f}")
