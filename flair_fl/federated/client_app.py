@@ -44,6 +44,7 @@ class ClientSpec:
     use_gpu: bool = False
     num_threads: int = 1
     eval_batch_size: int = 512
+    local_dp: dict[str, Any] | None = None  # client-side DP (DP-SGD) settings, privacy group
     extra: dict[str, Any] = field(default_factory=dict)
 
 

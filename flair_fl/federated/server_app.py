@@ -36,6 +36,8 @@ class RoundPlan:
     fed_eval_sampler: CohortSampler | None = None  # federated evaluation on val users
     fed_eval_every: int = 0
     num_supernodes: int = 1
+    # Asked before each round; a returned reason (e.g. privacy budget spent) ends the run.
+    should_stop: Callable[[int], str | None] | None = None
 
 
 @dataclass
@@ -44,6 +46,7 @@ class LoopOutcome:
 
     arrays: ArrayRecord | None = None
     rounds_done: int = 0
+    stop_reason: str | None = None
     error: BaseException | None = None
 
 
@@ -101,6 +104,10 @@ def run_rounds(
     """Run rounds `start_round..num_rounds`; `on_round` returning True stops early."""
     node_ids = _wait_for_nodes(grid, plan.num_supernodes, plan.round_timeout)
     for server_round in range(start_round, plan.num_rounds + 1):
+        if plan.should_stop and (reason := plan.should_stop(server_round)):
+            outcome.stop_reason = reason
+            log.warning("stopping before round %d: %s", server_round, reason)
+            break
         started = time.perf_counter()
         users = plan.sampler.sample(server_round)
         # The strategy's own configure_train keeps its state right (FedOpt remembers the

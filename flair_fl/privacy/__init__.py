@@ -1,17 +1,66 @@
-"""Differential privacy. `privacy=none` is a null object: it returns the strategy as is."""
+"""Differential privacy, as one swappable config node (`privacy=...`).
+
+Every privacy option implements `Privacy`. `privacy=none` is the null object `NoPrivacy`:
+it returns the strategy unchanged, asks nothing of clients and never stops a run.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from flwr.serverapp.strategy import Strategy
+
+
+@dataclass(frozen=True)
+class PrivacyContext:
+    """What a privacy mechanism needs to know about the run it protects."""
+
+    cohort_size: int  # users sampled per round (the noise is calibrated to this)
+    population_size: int  # train users the cohort is sampled from
+    num_rounds: int  # planned rounds (the accountant's horizon)
+    seed: int  # DP noise derives from it
+    weighted_by_key: str  # the strategy's weighting key (DP needs uniform weights)
+
+
+class Privacy(Protocol):
+    """The interface the experiment uses; see NoPrivacy for the trivial case."""
+
+    def wrap(self, strategy: Strategy, context: PrivacyContext) -> Strategy:
+        """Return the strategy with server-side DP applied (or unchanged)."""
+        ...
+
+    def client_settings(self) -> dict[str, Any] | None:
+        """Plain settings for client-side DP (DP-SGD), or None."""
+        ...
+
+    def round_metrics(self, server_round: int) -> dict[str, float]:
+        """Per-round DP figures to log (epsilon spent, clip norm, noise std, ...)."""
+        ...
+
+    def stop_reason(self, server_round: int) -> str | None:
+        """Why round `server_round` must not run (budget exhausted), or None."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """The settings in effect, printed at start and saved with the outputs."""
+        ...
 
 
 class NoPrivacy:
     """No differential privacy: the strategy runs unchanged."""
 
-    def wrap(self, strategy: Strategy) -> Strategy:
+    def wrap(self, strategy: Strategy, context: PrivacyContext) -> Strategy:
         return strategy
+
+    def client_settings(self) -> dict[str, Any] | None:
+        return None
+
+    def round_metrics(self, server_round: int) -> dict[str, float]:
+        return {}
+
+    def stop_reason(self, server_round: int) -> str | None:
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {"mechanism": "none"}
