@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export FLWR_TELEMETRY_ENABLED := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-full lint format typecheck explore clean
+.PHONY: help setup run test test-slow test-full lint format typecheck explore clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -25,6 +25,9 @@ run: setup ## Run the main job on the embedded synthetic default (python -m flai
 
 test: setup ## Run the fast test suite
 	$(PY) -m pytest -q $(ARGS)
+
+test-slow: setup ## Run only the slow tests (CI runs them after the fast suite)
+	$(PY) -m pytest -q -m slow $(ARGS)
 
 test-full: setup ## Run every test, slow ones included
 	$(PY) -m pytest -q -m "" $(ARGS)

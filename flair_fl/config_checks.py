@@ -50,6 +50,7 @@ def validate_run_config(cfg: DictConfig, num_train_users: int | None = None) -> 
     _require(cfg, "num_rounds", int, 1)
     _require(cfg, "cohort_size", int, 1, num_train_users)
     _require(cfg, "eval_every", int, 0)
+    _require(cfg, "checkpoint_every", int, 0)
     _require(cfg, "client.epochs", int, 1)
     _require(cfg, "client.batch_size", int, 1)
     _require(cfg, "client.lr", number, 0, low_inclusive=False)

@@ -6,26 +6,36 @@ Returns the best val macro AP, the metric Hydra sweepers maximise.
 from __future__ import annotations
 
 import os
-import sys
+from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from flair_fl.config_checks import ConfigError
-from flair_fl.data.raw import FlairFormatError
-from flair_fl.experiment import run_experiment
+from flair_fl.driver import build
+from flair_fl.job_failure import job_failed
+from flair_fl.resume import resume_config
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
+def execute(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
+    """Run the configured mode (federated or central); returns its summary."""
+    runner = build(cfg.mode, "mode")
+    summary: dict[str, Any] = runner(cfg=cfg, output_dir=output_dir)
+    return summary
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    job_dir = HydraConfig.get().runtime.output_dir
     try:
-        summary = run_experiment(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, FlairFormatError) as err:
-        print(f"flair-fl: error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        if cfg.get("resume"):
+            cfg = resume_config(cfg)
+        summary = execute(cfg, job_dir)
+    except Exception as err:  # recorded, cleaned up; a sweep goes on (see job_failure.py)
+        return job_failed(err, Path(job_dir), bool(cfg.get("sweep_continue_on_error", True)))
     return float(summary["best_val_macro_ap"])
 
 

@@ -33,13 +33,18 @@ def train_local(
     settings: LocalTraining,
     device: torch.device,
     generator: torch.Generator,
+    grad_correction: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train `model` in place with SGD on `dataset`; returns mean loss and counts.
 
     `generator` fixes the data order (the caller seeds it per seed, round and user).
+    `grad_correction` (by parameter name) is added to every step's clipped gradient
+    (SCAFFOLD's c - c_i).
     """
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    corrections = [grad_correction[n].to(device) for n, _ in named] if grad_correction else []
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
     global_params = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator)
@@ -57,6 +62,8 @@ def train_local(
             total.backward()
             if settings.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            for p, correction in zip(params, corrections, strict=False):
+                p.grad.add_(correction)  # type: ignore[union-attr]
             optimizer.step()
             loss_sum += loss.item() * len(images)
             seen += len(images)

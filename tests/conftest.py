@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,24 +47,46 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
     port = _free_port()
     ray = Path(sys.executable).with_name("ray")
     temp_dir = tmp_path_factory.mktemp("ray")
-    started = subprocess.run(
+    # `--block` keeps the head's processes under this one process group, so teardown stops
+    # this head only (`ray stop` would stop every Ray cluster on the machine).
+    head = subprocess.Popen(
         [
             str(ray),
             "start",
             "--head",
+            "--block",
             f"--port={port}",
             "--num-cpus=2",
             "--include-dashboard=false",
+            "--node-ip-address=127.0.0.1",
             "--disable-usage-stats",
             f"--temp-dir={temp_dir}",
         ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
-    yield f"127.0.0.1:{port}" if started.returncode == 0 else None
-    subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120, check=False)
+    address = f"127.0.0.1:{port}" if _wait_for_port(port, head) else None
+    yield address
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, sig)
+        try:
+            head.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 90) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                time.sleep(2)  # the GCS listens before the raylet has registered
+                return True
+        time.sleep(0.5)
+    return False
 
 
 @pytest.fixture

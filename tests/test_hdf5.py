@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from flair_fl.data import decode as decode_module
 from flair_fl.data.datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -26,7 +27,7 @@ from flair_fl.data.datasets import (
 from flair_fl.data.hdf5 import FlairHDF5, UserData
 from flair_fl.data.labels import COARSE_LABELS
 from flair_fl.data.prepare import NUM_IMAGES_INDEX, Layout, prepare_flair
-from flair_fl.data.raw import IMAGE_DIR, METADATA_FILE, FlairFormatError, RawFlair
+from flair_fl.data.raw import IMAGE_DIR, METADATA_FILE, FlairFormatError
 from flair_fl.data.synthetic import SyntheticSpec, generate_synthetic_flair
 
 LAYOUTS: tuple[Layout, ...] = ("pfl", "mlflair", "central")
@@ -269,13 +270,13 @@ def test_prepare_writes_via_partial(
 ) -> None:
     # Prepare: record the output folder's content whenever an image is decoded
     listings: set[tuple[str, ...]] = set()
-    read_image = RawFlair.read_image
+    decode_image = decode_module.decode_image
 
-    def spy(self: RawFlair, record: Any) -> np.ndarray:
+    def spy(data: bytes, where: str) -> np.ndarray:
         listings.add(tuple(sorted(p.name for p in tmp_path.iterdir())))
-        return read_image(self, record)
+        return decode_image(data, where)
 
-    monkeypatch.setattr(RawFlair, "read_image", spy)
+    monkeypatch.setattr(decode_module, "decode_image", spy)
 
     # Execute
     output = prepare_flair(small_raw, tmp_path / "flair.hdf5", layout=layout, progress=False)

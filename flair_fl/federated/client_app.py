@@ -18,8 +18,10 @@ from hydra.utils import instantiate
 from torch import nn
 
 from flair_fl.data.datasets import UserDataset, build_transform
-from flair_fl.data.hdf5 import FlairHDF5, LabelSet
+from flair_fl.data.hdf5 import LabelSet
+from flair_fl.data.source import open_reader
 from flair_fl.federated.sampling import derive_seed
+from flair_fl.federated.user_state import UserStateStore, scaffold_update, split_control
 from flair_fl.metrics import MetricState
 from flair_fl.models.params import load_trainable, trainable_state
 from flair_fl.training import LocalTraining, evaluate, train_local
@@ -44,8 +46,11 @@ class ClientSpec:
     use_gpu: bool = False
     num_threads: int = 1
     eval_batch_size: int = 512
+    label_index: int | None = None  # binary mode: the one target column
+    state_dir: str | None = None  # per-user client state (SCAFFOLD control variates)
     local_dp: dict[str, Any] | None = None  # client-side DP (DP-SGD) settings, privacy group
     extra: dict[str, Any] = field(default_factory=dict)
+    reader_settings: dict[str, Any] = field(default_factory=dict)  # data.source.open_reader
 
 
 class _Runtime:
@@ -54,7 +59,7 @@ class _Runtime:
     def __init__(self, spec: ClientSpec):
         torch.set_num_threads(max(1, spec.num_threads))
         self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
-        self.reader = FlairHDF5(spec.hdf5_path)
+        self.reader = open_reader(spec.hdf5_path, **spec.reader_settings)
         self.model: nn.Module = instantiate(spec.model)(num_classes=spec.num_labels)
         self.model.to(self.device)
         self.train_transform = build_transform(train=True, size=spec.input_size)
@@ -72,9 +77,12 @@ def _runtime(spec: ClientSpec) -> _Runtime:
     return _RUNTIMES[key]
 
 
-def _load_global(runtime: _Runtime, msg: Message) -> None:
-    state = msg.content.array_records[ARRAYS_KEY].to_torch_state_dict()
-    load_trainable(runtime.model, state)
+def _load_global(runtime: _Runtime, msg: Message) -> dict[str, torch.Tensor]:
+    """Load the global weights; return SCAFFOLD's server control variate (empty if none)."""
+    arrays = msg.content.array_records[ARRAYS_KEY].to_torch_state_dict()
+    weights, control = split_control(dict(arrays))
+    load_trainable(runtime.model, weights)
+    return control
 
 
 def client_train(spec: ClientSpec, msg: Message) -> Message:
@@ -82,9 +90,16 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
     runtime = _runtime(spec)
     config = msg.content.config_records[CONFIG_KEY]
     user_id, server_round = str(config["user-id"]), int(str(config["server-round"]))
-    _load_global(runtime, msg)
+    control = _load_global(runtime, msg)
+    before = trainable_state(runtime.model)
     dataset = UserDataset.from_file(
-        runtime.reader, "train", user_id, spec.label_set, runtime.train_transform, spec.max_images
+        runtime.reader,
+        "train",
+        user_id,
+        spec.label_set,
+        runtime.train_transform,
+        spec.max_images,
+        spec.label_index,
     )
     seed = derive_seed(spec.seed, "client", server_round, user_id)
     torch.manual_seed(seed)  # transforms draw from torch's global RNG
@@ -93,7 +108,27 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
     mu = float(str(config.get("proximal-mu", settings.proximal_mu)))
     if mu != settings.proximal_mu:
         settings = LocalTraining(**{**settings.__dict__, "proximal_mu": mu})
-    stats = train_local(runtime.model, dataset, settings, runtime.device, generator)
+    store = user_control = None
+    correction = None
+    if control:  # SCAFFOLD: correct every local gradient by (c - c_i)
+        store = UserStateStore(spec.state_dir or ".", "scaffold")
+        user_control = store.load(user_id) or {k: torch.zeros_like(v) for k, v in control.items()}
+        correction = {k: control[k] - user_control[k] for k in control}
+    if spec.local_dp is not None:  # privacy=dp_sgd: per-example clipping + noise (Opacus)
+        from flair_fl.privacy.dp_sgd import train_local_dp_sgd  # Opacus only when needed
+
+        stats = train_local_dp_sgd(
+            runtime.model, dataset, settings, runtime.device, generator, spec.local_dp, correction
+        )
+    else:
+        stats = train_local(runtime.model, dataset, settings, runtime.device, generator, correction)
+    reply = trainable_state(runtime.model)
+    if store is not None and user_control is not None:
+        new_control, delta = scaffold_update(
+            control, user_control, before, reply, int(stats["num_steps"]), settings.lr
+        )
+        store.save(user_id, new_control)
+        reply.update(delta)
     metrics = MetricRecord(
         {
             "train-loss": stats["train_loss"],
@@ -104,7 +139,7 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
     )
     content = RecordDict(
         {
-            ARRAYS_KEY: ArrayRecord(trainable_state(runtime.model)),
+            ARRAYS_KEY: ArrayRecord(reply),
             METRICS_KEY: metrics,
             META_KEY: ConfigRecord(
                 {"user-id": user_id, "cohort-index": int(str(config["cohort-index"]))}
@@ -121,7 +156,13 @@ def client_evaluate(spec: ClientSpec, msg: Message) -> Message:
     user_id, split = str(config["user-id"]), str(config.get("split", "val"))
     _load_global(runtime, msg)
     dataset = UserDataset.from_file(
-        runtime.reader, split, user_id, spec.label_set, runtime.eval_transform
+        runtime.reader,
+        split,
+        user_id,
+        spec.label_set,
+        runtime.eval_transform,
+        None,
+        spec.label_index,
     )
     state = evaluate(runtime.model, dataset, spec.num_labels, spec.eval_batch_size, runtime.device)
     content = RecordDict(

@@ -38,6 +38,7 @@ class RoundPlan:
     num_supernodes: int = 1
     # Asked before each round; a returned reason (e.g. privacy budget spent) ends the run.
     should_stop: Callable[[int], str | None] | None = None
+    before_round: Callable[[int], None] | None = None  # e.g. set the server learning rate
 
 
 @dataclass
@@ -109,10 +110,13 @@ def run_rounds(
             log.warning("stopping before round %d: %s", server_round, reason)
             break
         started = time.perf_counter()
+        if plan.before_round:
+            plan.before_round(server_round)
         users = plan.sampler.sample(server_round)
         # The strategy's own configure_train keeps its state right (FedOpt remembers the
-        # current weights) and adds its settings (FedProx's proximal-mu); we keep its config
-        # and replace its node sampling by our user -> supernode mapping.
+        # current weights) and says what to send (FedProx adds proximal-mu, SCAFFOLD adds its
+        # control variate to the arrays); we keep that payload and replace its node
+        # sampling by our user -> supernode mapping.
         template = list(
             strategy.configure_train(
                 server_round, arrays, ConfigRecord(dict(plan.base_config)), grid
@@ -120,7 +124,8 @@ def run_rounds(
         )
         config = dict(template[0].content[CONFIG_KEY]) if template else dict(plan.base_config)
         config["server-round"] = server_round
-        messages = _cohort_messages(arrays, config, users, node_ids, MessageType.TRAIN)
+        payload = template[0].content.array_records[ARRAYS_KEY] if template else arrays
+        messages = _cohort_messages(payload, config, users, node_ids, MessageType.TRAIN)
         replies, failed = _in_cohort_order(
             list(grid.send_and_receive(messages, timeout=plan.round_timeout))
         )

@@ -20,30 +20,32 @@ class ConsoleProgress:
     for Ray's actor start-up), so it is right from round 2 on.
     """
 
-    def __init__(self, num_rounds: int, start_round: int = 1):
-        self.num_rounds, self.start_round = num_rounds, start_round
+    def __init__(self, num_rounds: int, start_round: int = 1, unit: str = "round"):
+        self.num_rounds, self.start_round, self.unit = num_rounds, start_round, unit
         self.started = time.perf_counter()
         self.first_round_done: float | None = None
 
     def line(self, server_round: int, metrics: dict[str, Any]) -> str:
         now = time.perf_counter()
         elapsed = now - self.started
+        eta = "--:--"  # the first round pays Ray's start-up: no basis for an estimate yet
         if self.first_round_done is None:
             self.first_round_done = now
-            per_round = float(metrics.get("round_time_s", elapsed))
         else:
             per_round = (now - self.first_round_done) / (server_round - self.start_round)
-        eta = per_round * (self.num_rounds - server_round)
-        parts = [f"round {server_round:>{len(str(self.num_rounds))}}/{self.num_rounds}"]
+            eta = _duration(per_round * (self.num_rounds - server_round))
+        parts = [f"{self.unit} {server_round:>{len(str(self.num_rounds))}}/{self.num_rounds}"]
         if "train_loss" in metrics:
             parts.append(f"train loss {metrics['train_loss']:.4f}")
         if "val_macro_ap" in metrics:
             parts.append(
                 f"val macro AP {metrics['val_macro_ap']:.4f} micro AP {metrics['val_micro_ap']:.4f}"
             )
+        if "dp_epsilon" in metrics:
+            parts.append(f"eps {metrics['dp_epsilon']:.3g}")
         if metrics.get("clients_failed"):
             parts.append(f"failed clients {metrics['clients_failed']}")
-        parts.append(f"elapsed {_duration(elapsed)} ETA {_duration(eta)}")
+        parts.append(f"elapsed {_duration(elapsed)} ETA {eta}")
         return " | ".join(parts)
 
     def log_round(self, server_round: int, metrics: dict[str, Any]) -> None:

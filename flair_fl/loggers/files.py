@@ -47,6 +47,20 @@ class FileLogger:
             with self.csv_path.open("a", newline="") as f:
                 csv.DictWriter(f, self.columns).writerow(row)
 
+    def resume_from(self, last_round: int) -> None:
+        """A resumed run: keep the rows up to `last_round` (later ones, logged after the
+        checkpoint and before the interruption, are recomputed identically) and append."""
+        rows = []
+        if self.jsonl_path.is_file():
+            rows = [json.loads(line) for line in self.jsonl_path.read_text().splitlines() if line]
+        self.rows = [r for r in rows if r["round"] <= last_round]
+        for row in self.rows:
+            self.columns += [k for k in row if k not in self.columns]
+        tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        os.replace(tmp, self.jsonl_path)
+        self._rewrite_csv()
+
     def _rewrite_csv(self) -> None:
         tmp = self.csv_path.with_suffix(".csv.tmp")
         with tmp.open("w", newline="") as f:
@@ -64,6 +78,6 @@ class FileLogger:
         pass
 
 
-def file_logger(out_dir: str | Path) -> FileLogger:
-    """Factory for `logger=csv`."""
+def file_logger(out_dir: str | Path, run_config: dict[str, Any] | None = None) -> FileLogger:
+    """Factory for `logger=csv` (the resolved config is already in config_resolved.yaml)."""
     return FileLogger(out_dir)

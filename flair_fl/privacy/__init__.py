@@ -2,6 +2,9 @@
 
 Every privacy option implements `Privacy`. `privacy=none` is the null object `NoPrivacy`:
 it returns the strategy unchanged, asks nothing of clients and never stops a run.
+`privacy=dp` / `dp_adaptive`: `central.CentralDP` (user-level, on the server);
+`privacy=dp_sgd`: `local.LocalDPSGD` (sample-level DP-SGD on each client, Opacus).
+Submodules are not imported here: they pull in Opacus, which only DP runs need.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from flwr.serverapp.strategy import Strategy
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,18 @@ class Privacy(Protocol):
         """The settings in effect, printed at start and saved with the outputs."""
         ...
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ConfigError, in the driver, if the mechanism cannot train this model."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Mutable state for checkpoints (clip norm, accountant progress, ...)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` on resume."""
+        ...
+
 
 class NoPrivacy:
     """No differential privacy: the strategy runs unchanged."""
@@ -64,3 +80,12 @@ class NoPrivacy:
 
     def describe(self) -> dict[str, Any]:
         return {"mechanism": "none"}
+
+    def check_model(self, model: nn.Module) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

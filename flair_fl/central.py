@@ -1,0 +1,160 @@
+"""Centralized baseline (ml-flair's C-* rows): train on the pooled train users, no FL.
+
+Same data, models, metrics, loggers and summary as federated runs, so C-* and FL-* results
+come out of one tool. Each epoch streams the train split user block by user block (HDF5
+reads stay sequential) through a seeded shuffle buffer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, IterableDataset
+
+from flair_fl.config_checks import ConfigError, validate_run_config
+from flair_fl.data.datasets import Transform, UserDataset, build_transform
+from flair_fl.data.hdf5 import FlairReader, LabelSet
+from flair_fl.data.source import FederatedData
+from flair_fl.driver import (
+    CentralEvaluator,
+    RoundTracker,
+    build,
+    build_loggers,
+    device_for,
+    make_model,
+)
+from flair_fl.federated.sampling import derive_seed
+from flair_fl.federated.server_app import LoopOutcome
+from flair_fl.models.params import trainable_state
+from flair_fl.privacy import NoPrivacy
+
+
+class ShuffledSplit(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A split's images in a seeded order: users shuffled, then a shuffle buffer."""
+
+    def __init__(
+        self,
+        reader: FlairReader,
+        split: str,
+        label_set: LabelSet,
+        transform: Transform,
+        label_index: int | None,
+        buffer_images: int,
+        seed: int,
+    ):
+        self.reader, self.split, self.label_set = reader, split, label_set
+        self.transform, self.label_index = transform, label_index
+        self.buffer_images, self.seed = buffer_images, seed
+        self.users = list(reader.population(split))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rng = np.random.default_rng(self.seed)
+        buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for u in rng.permutation(len(self.users)):
+            data = UserDataset.from_file(
+                self.reader, self.split, self.users[u], self.label_set, label_index=self.label_index
+            )
+            buffer.extend(zip(data.images, data.targets, strict=True))
+            if len(buffer) >= self.buffer_images:
+                yield from self._drain(buffer, rng, keep=self.buffer_images // 2)
+        yield from self._drain(buffer, rng, keep=0)
+
+    def _drain(
+        self, buffer: list[tuple[torch.Tensor, torch.Tensor]], rng: np.random.Generator, keep: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = rng.permutation(len(buffer))
+        emit, rest = order[: len(buffer) - keep], order[len(buffer) - keep :]
+        out = [buffer[i] for i in emit]
+        buffer[:] = [buffer[i] for i in rest]
+        for image, target in out:
+            yield self.transform(image), target
+
+
+def run_central(
+    cfg: DictConfig,
+    output_dir: str | Path,
+    epochs: int = 10,
+    batch_size: int = 512,
+    shuffle_buffer: int = 4096,
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    grad_clip: float | None = None,
+    clip_per_tensor: bool = False,
+) -> dict[str, Any]:
+    """Train centrally for `epochs`; evaluate on val every `eval_every` epochs."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    validate_run_config(cfg)
+    if not str(cfg.privacy.get("_target_", "")).endswith("NoPrivacy"):
+        raise ConfigError(
+            "mode=central trains without differential privacy; use privacy=none "
+            "(DP applies to federated runs)"
+        )
+    data: FederatedData = build(cfg.data, "data")
+    data.require_splits("train", "val", *(["test"] if cfg.eval.test_at_end else []))
+    (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.manual_seed(derive_seed(cfg.seed, "model-init"))
+    model = make_model(cfg, data.num_labels)
+    device = device_for(cfg.device)
+    evaluator = CentralEvaluator(model, data, cfg.eval.batch_size, device)
+    loggers = build_loggers(cfg, out)
+    initial_val = evaluator(ArrayRecord(trainable_state(model)), "val")
+    print(
+        f"flair-fl central: {sum(data.reader.population('train').values())} train images, "
+        f"{epochs} epochs, batch {batch_size}; untrained val macro AP "
+        f"{initial_val['val_macro_ap']:.4f}",
+        flush=True,
+    )
+    tracker = RoundTracker(
+        epochs,
+        cfg.eval_every,
+        evaluator,
+        NoPrivacy(),
+        loggers,
+        out,
+        initial_val,
+        test_at_end=cfg.eval.test_at_end,
+        unit="epoch",
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (optimizer or torch.optim.Adam)(params)
+    transform = build_transform(train=True, size=data.input_size)
+    for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
+        stream = ShuffledSplit(
+            data.reader,
+            "train",
+            data.label_set,
+            transform,
+            data.label_index,
+            shuffle_buffer,
+            derive_seed(cfg.seed, "central-epoch", epoch),
+        )
+        torch.manual_seed(derive_seed(cfg.seed, "central-augment", epoch))
+        model.to(device).train()
+        loss_sum, seen = 0.0, 0
+        for images, targets in DataLoader(stream, batch_size=batch_size):
+            images, targets = images.to(device), targets.to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = F.binary_cross_entropy_with_logits(model(images), targets)
+            loss.backward()
+            if grad_clip is not None:  # per tensor is Keras's `clipnorm` (ml-flair's)
+                for group in [[p] for p in params] if clip_per_tensor else [params]:
+                    torch.nn.utils.clip_grad_norm_(group, grad_clip)
+            opt.step()
+            loss_sum, seen = loss_sum + loss.item() * len(images), seen + len(images)
+        metrics = {
+            "train_loss": loss_sum / max(seen, 1),
+            "round_time_s": time.perf_counter() - started,
+        }
+        tracker.on_round(epoch, ArrayRecord(trainable_state(model)), metrics)
+    return tracker.finish(
+        LoopOutcome(arrays=ArrayRecord(trainable_state(model)), rounds_done=epochs)
+    )

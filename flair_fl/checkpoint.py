@@ -1,0 +1,113 @@
+"""Checkpoints and exact resume.
+
+A checkpoint holds everything a run needs to continue as if never stopped: the global
+weights, the server strategy's state (optimizer moments, momentum, SCAFFOLD's control
+variate), the privacy mechanism's state (clip norm, accountant progress), the best-val
+bookkeeping and the config. Client-side RNGs need no saving: every draw derives from
+(seed, round, user). Files are written to a temporary name and renamed, so a kill during a
+write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flair_fl.config_checks import ConfigError
+from flair_fl.federated.strategies import Scaffold, ServerOptimizer
+
+CHECKPOINT_NAME = "checkpoint.pt"
+# Keys that may differ between a run and its resumption (they do not change results).
+NEUTRAL_KEYS = (
+    "resume",
+    "checkpoint_every",
+    "device",
+    "simulation",
+    "logger",
+    "hydra",
+    "data.cache_dir",
+    "eval.batch_size",
+    "sweep_continue_on_error",
+)
+_STRATEGY_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "control", "current_arrays")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def strategy_state(strategy: Any) -> dict[str, Any]:
+    """The mutable state of a (Flower or our) server strategy."""
+    state: dict[str, Any] = {
+        k: getattr(strategy, k)
+        for k in _STRATEGY_ATTRIBUTES
+        if getattr(strategy, k, None) is not None
+    }
+    if isinstance(strategy, ServerOptimizer) and strategy.params is not None:
+        assert strategy.optimizer is not None
+        state["server_optimizer"] = {
+            "params": {k: p.detach().clone() for k, p in strategy.params.items()},
+            "optimizer": strategy.optimizer.state_dict(),
+        }
+    return state
+
+
+def load_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
+    """Restore what `strategy_state` saved."""
+    for key in _STRATEGY_ATTRIBUTES:
+        if key in state:
+            setattr(strategy, key, state[key])
+    saved = state.get("server_optimizer")
+    if saved is not None and isinstance(strategy, ServerOptimizer):
+        strategy.params = {k: torch.nn.Parameter(v.clone()) for k, v in saved["params"].items()}
+        strategy.optimizer = strategy.optimizer_factory(
+            list(strategy.params.values()), lr=strategy.lr
+        )
+        strategy.optimizer.load_state_dict(saved["optimizer"])
+    if isinstance(strategy, Scaffold) and "control" in state:
+        strategy.control = {k: np.asarray(v) for k, v in state["control"].items()}
+
+
+def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
+    """The last checkpoint of a run directory, with a clear error if there is none."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ConfigError(
+            f"resume={run_dir}: no {CHECKPOINT_NAME} there (a run writes one every "
+            "`checkpoint_every` rounds and at the end)"
+        )
+    checkpoint: dict[str, Any] = torch.load(path, weights_only=False)
+    return checkpoint
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+def differing_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between two resolved configs, neutral keys excluded."""
+    a, b = _flatten(saved), _flatten(current)
+    neutral = tuple(NEUTRAL_KEYS)
+    return sorted(
+        k
+        for k in set(a) | set(b)
+        if a.get(k) != b.get(k) and not any(k == n or k.startswith(n + ".") for n in neutral)
+    )

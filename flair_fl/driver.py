@@ -1,0 +1,279 @@
+"""Driver-side pieces shared by federated and centralized runs.
+
+Building config nodes with clear errors, the model, central evaluation on a split, and the
+per-round (per-epoch) bookkeeping: best-val model, loggers, console progress, summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Message
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from flair_fl.checkpoint import atomic_save
+from flair_fl.config_checks import ConfigError
+from flair_fl.data.datasets import SplitDataset, build_transform
+from flair_fl.data.raw import FlairFormatError
+from flair_fl.data.source import FederatedData
+from flair_fl.federated.client_app import METRICS_KEY, metric_state_from_record
+from flair_fl.federated.server_app import LoopOutcome
+from flair_fl.loggers import LoggerErrors, RunLogger, start_logger
+from flair_fl.loggers.console import ConsoleProgress
+from flair_fl.metrics import MetricState
+from flair_fl.models.params import load_trainable, trainable_state
+from flair_fl.privacy import Privacy
+from flair_fl.training import evaluate
+
+
+def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, with our own errors un-wrapped and bad values named.
+
+    Hydra wraps every exception of a target in InstantiationException; a user should see
+    "data.path=...: no prepared FLAIR HDF5 file" or "data: num_users must be >= 3", not a
+    Hydra traceback.
+    """
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError | FlairFormatError):
+            raise cause from None
+        if isinstance(cause, ValueError | TypeError):
+            raise ConfigError(f"{key}: {cause}") from None
+        raise
+
+
+def build_loggers(cfg: DictConfig, out: Path) -> list[RunLogger]:
+    """Every logger of the `logger` group; each gets the run dir and the resolved config.
+
+    Each runs behind a `SafeLogger`: a logger that fails is reported and counted in
+    `summary["logger_errors"]`, and the run goes on.
+    """
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    errors = LoggerErrors()
+    loggers: list[RunLogger] = []
+    for name, node in cfg.logger.items():
+        factory = build(node, f"logger.{name}", _partial_=True)  # run_config is data, not config
+        loggers.append(start_logger(str(name), factory, errors, out_dir=out, run_config=run_config))
+    return loggers
+
+
+def make_model(cfg: DictConfig, num_labels: int) -> torch.nn.Module:
+    """The configured model with `num_labels` outputs (errors name the model keys)."""
+    factory = build(cfg.model, "model")
+    try:
+        model: torch.nn.Module = factory(num_classes=num_labels)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    return model
+
+
+def device_for(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class CentralEvaluator:
+    """Evaluates global weights on a whole split in the driver."""
+
+    def __init__(
+        self, model: torch.nn.Module, data: FederatedData, batch_size: int, device: torch.device
+    ):
+        self.model, self.data, self.batch_size, self.device = model, data, batch_size, device
+        self.transform = build_transform(train=False, size=data.input_size)
+
+    def __call__(self, arrays: ArrayRecord, split: str) -> dict[str, float]:
+        load_trainable(self.model, arrays.to_torch_state_dict())
+        dataset = SplitDataset(
+            self.data.reader,
+            split,
+            self.data.label_set,
+            self.transform,
+            label_index=self.data.label_index,
+        )
+        state = evaluate(self.model, dataset, self.data.num_labels, self.batch_size, self.device)
+        return {f"{split}_{k}": v for k, v in state.compute().items()}
+
+
+class RoundTracker:
+    """Per-round (per-epoch) bookkeeping in the driver: central val evaluation every
+    `eval_every` rounds and at the last, best-val model, loggers and console progress."""
+
+    def __init__(
+        self,
+        num_rounds: int,
+        eval_every: int,
+        evaluator: CentralEvaluator,
+        privacy: Privacy,
+        loggers: list[RunLogger],
+        out: Path,
+        initial_val: dict[str, float],
+        test_at_end: bool = True,
+        unit: str = "round",
+        checkpoint_every: int = 0,
+    ):
+        self.num_rounds, self.eval_every, self.test_at_end = num_rounds, eval_every, test_at_end
+        self.unit, self.checkpoint_every = unit, checkpoint_every
+        # Set by the federated run: saves a checkpoint for (round, global arrays).
+        self.checkpoint: Callable[[int, ArrayRecord], None] | None = None
+        self.evaluator, self.privacy, self.loggers = evaluator, privacy, loggers
+        self.out, self.initial_val = out, initial_val
+        self.started = time.perf_counter()
+        self.best: dict[str, Any] = {"round": 0, **initial_val}
+        self.best_arrays: ArrayRecord | None = None
+        self.progress = ConsoleProgress(num_rounds, unit=unit)
+
+    def on_round(self, server_round: int, arrays: ArrayRecord, metrics: dict[str, Any]) -> bool:
+        metrics.update(self.privacy.round_metrics(server_round))
+        every = self.eval_every
+        if (every and server_round % every == 0) or server_round == self.num_rounds:
+            metrics.update(self.evaluator(arrays, "val"))
+            if metrics["val_macro_ap"] > self.best["val_macro_ap"]:
+                self.best = {
+                    "round": server_round,
+                    **{k: v for k, v in metrics.items() if k.startswith("val_")},
+                }
+                self.best_arrays = arrays
+                atomic_save(self.evaluator.model.state_dict(), self.out / "model_best.pt")
+        metrics["elapsed_s"] = time.perf_counter() - self.started
+        self.progress.log_round(server_round, metrics)
+        for logger in self.loggers:
+            logger.log_round(server_round, metrics)
+        every = self.checkpoint_every
+        if self.checkpoint and every and server_round % every == 0:
+            self.checkpoint(server_round, arrays)
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Best-val bookkeeping for checkpoints."""
+        best = None if self.best_arrays is None else dict(self.best_arrays.to_torch_state_dict())
+        return {"best": self.best, "best_arrays": best}
+
+    def resume(self, state: dict[str, Any], last_round: int) -> None:
+        """Continue after `last_round`: best-val state back, metrics files cut to it."""
+        self.best = state["best"]
+        if state["best_arrays"] is not None:
+            self.best_arrays = ArrayRecord(state["best_arrays"])
+        self.progress = ConsoleProgress(self.num_rounds, start_round=last_round + 1, unit=self.unit)
+        for logger in self.loggers:
+            resume_from = getattr(logger, "resume_from", None)
+            if resume_from is not None:
+                resume_from(last_round)
+
+    def on_fed_eval(self, server_round: int, replies: list[Message]) -> dict[str, Any]:
+        num_labels = self.evaluator.data.num_labels
+        total = MetricState.zeros(num_labels)
+        for reply in replies:
+            record = reply.content.metric_records[METRICS_KEY]
+            total = total + metric_state_from_record(record, num_labels)
+        return {f"fedval_{k}": v for k, v in total.compute().items()}
+
+    def finish(self, outcome: LoopOutcome) -> dict[str, Any]:
+        """Final and test evaluation, model files, summary to loggers and console."""
+        final = outcome.arrays
+        if final is None:
+            final = ArrayRecord(trainable_state(self.evaluator.model))
+        elif self.checkpoint and outcome.rounds_done:
+            self.checkpoint(outcome.rounds_done, final)
+        summary: dict[str, Any] = {
+            "rounds": outcome.rounds_done,
+            "stop_reason": outcome.stop_reason,
+            "untrained_val_macro_ap": self.initial_val["val_macro_ap"],
+            "untrained_val_micro_ap": self.initial_val["val_micro_ap"],
+            "best_round": self.best["round"],
+            **{f"best_{k}": v for k, v in self.best.items() if k.startswith("val_")},
+        }
+        summary.update({f"final_{k}": v for k, v in self.evaluator(final, "val").items()})
+        atomic_save(self.evaluator.model.state_dict(), self.out / "model_final.pt")
+        if self.test_at_end:  # as ml-flair: test with the best-val model, and the final one
+            summary.update({f"final_{k}": v for k, v in self.evaluator(final, "test").items()})
+            if self.best_arrays is not None:
+                best_test = self.evaluator(self.best_arrays, "test")
+                summary.update({f"best_{k}": v for k, v in best_test.items()})
+        summary.update(
+            {f"privacy_{k}": v for k, v in self.privacy.round_metrics(outcome.rounds_done).items()}
+        )
+        summary["wall_time_s"] = time.perf_counter() - self.started
+        write_results(summary, self.out)
+        for logger in self.loggers:
+            logger.log_summary(summary)
+            logger.close()
+        print_summary(summary, self.out)
+        return summary
+
+
+def write_results(summary: dict[str, Any], out: Path) -> None:
+    """`results.json`: the run's headline numbers grouped by model (untrained, best-val,
+    final) and split, next to the flat `summary.json` the loggers write."""
+    groups: dict[str, dict[str, Any]] = {"untrained": {}, "best": {}, "final": {}}
+    for key, value in summary.items():
+        prefix, _, rest = key.partition("_")
+        if prefix in groups and rest:
+            groups[prefix][rest] = value
+    results = {
+        "rounds": summary.get("rounds"),
+        "best_round": summary.get("best_round"),
+        "stop_reason": summary.get("stop_reason"),
+        **groups,
+        "privacy": {
+            k[len("privacy_") :]: v for k, v in summary.items() if k.startswith("privacy_")
+        },
+        "wall_time_s": summary.get("wall_time_s"),
+    }
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    os.replace(tmp, out / "results.json")
+
+
+def print_summary(summary: dict[str, Any], out: Path) -> None:
+    rows = [
+        (
+            "val macro AP (untrained -> final)",
+            f"{summary['untrained_val_macro_ap']:.4f} -> {summary['final_val_macro_ap']:.4f}",
+        ),
+        (
+            "val micro AP (untrained -> final)",
+            f"{summary['untrained_val_micro_ap']:.4f} -> {summary['final_val_micro_ap']:.4f}",
+        ),
+        (
+            "best val macro AP",
+            f"{summary['best_val_macro_ap']:.4f} (round {summary['best_round']})",
+        ),
+    ]
+    if "best_test_macro_ap" in summary:
+        rows.append(
+            (
+                "test macro / micro AP (best-val model)",
+                f"{summary['best_test_macro_ap']:.4f} / {summary['best_test_micro_ap']:.4f}",
+            )
+        )
+    if "final_test_macro_ap" in summary:
+        rows.append(
+            (
+                "test macro / micro AP (final model)",
+                f"{summary['final_test_macro_ap']:.4f} / {summary['final_test_micro_ap']:.4f}",
+            )
+        )
+    rows.append(("wall time", f"{summary['wall_time_s']:.1f} s"))
+    width = max(len(k) for k, _ in rows)
+    print(
+        "\n".join(
+            [
+                "",
+                "flair-fl summary",
+                *(f"  {k:<{width}}  {v}" for k, v in rows),
+                f"  outputs: {out}",
+            ]
+        ),
+        flush=True,
+    )

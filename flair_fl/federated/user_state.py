@@ -1,0 +1,57 @@
+"""Per-user client state kept on disk (SCAFFOLD's control variates), keyed by user id.
+
+Model-sized per-user state must not live in Flower's per-node context (which is shipped with
+every message) nor in the driver; the clients read and write it here. Files are replaced
+atomically, so a killed client never leaves a half-written state.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from flair_fl.federated.strategies import SCAFFOLD_C_PREFIX, SCAFFOLD_DC_PREFIX
+
+State = dict[str, torch.Tensor]
+
+
+class UserStateStore:
+    """One `.pt` file per user under `root/<kind>/`."""
+
+    def __init__(self, root: str | Path, kind: str):
+        self.dir = Path(root) / kind
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, user_id: str) -> Path:
+        return self.dir / (re.sub(r"[^A-Za-z0-9@._-]", "_", user_id) + ".pt")
+
+    def load(self, user_id: str) -> State | None:
+        path = self._path(user_id)
+        return torch.load(path) if path.is_file() else None
+
+    def save(self, user_id: str, state: State) -> None:
+        path = self._path(user_id)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+
+def split_control(arrays: State) -> tuple[State, State]:
+    """Separate model weights from SCAFFOLD's server control variate (prefixed keys)."""
+    weights = {k: v for k, v in arrays.items() if not k.startswith(SCAFFOLD_C_PREFIX)}
+    control = {
+        k[len(SCAFFOLD_C_PREFIX) :]: v for k, v in arrays.items() if k.startswith(SCAFFOLD_C_PREFIX)
+    }
+    return weights, control
+
+
+def scaffold_update(
+    control: State, user_control: State, before: State, after: State, steps: int, lr: float
+) -> tuple[State, State]:
+    """Option II: c_i+ = c_i - c + (x - y) / (K lr). Returns (c_i+, dc_i with reply keys)."""
+    new = {k: user_control[k] - control[k] + (before[k] - after[k]) / (steps * lr) for k in control}
+    delta = {SCAFFOLD_DC_PREFIX + k: new[k] - user_control[k] for k in control}
+    return new, delta
