@@ -157,12 +157,18 @@ class FlairHDF5:
         return out
 
     def label_mapping(self, label_set: LabelSet = "coarse") -> dict[str, int]:
-        """{label: index}, alphabetical (the index order every FLAIR reference uses)."""
+        """{label: index}, alphabetical (the index order every FLAIR reference uses).
+
+        Parsed once per reader: clients ask for it with every user they read.
+        """
+        return self._mappings[label_set]
+
+    @cached_property
+    def _mappings(self) -> dict[str, dict[str, int]]:
         if self.layout == "pfl":
-            key = "label_mapping" if label_set == "coarse" else "fine_grained_label_mapping"
-            mapping: dict[str, int] = json.loads(self.h5[f"metadata/{key}"][()])
-            return mapping
-        return label_mapping(self._counters[label_set])
+            keys = {"coarse": "label_mapping", "fine": "fine_grained_label_mapping"}
+            return {k: json.loads(self.h5[f"metadata/{v}"][()]) for k, v in keys.items()}
+        return {k: label_mapping(self._counters[k]) for k in ("coarse", "fine")}
 
     def num_labels(self, label_set: LabelSet = "coarse") -> int:
         return len(self.label_mapping(label_set))
@@ -170,12 +176,16 @@ class FlairHDF5:
     def population(self, split: str) -> dict[str, int]:
         """{user_id: number of images} for a split, without reading any image."""
         group = self._require_split(split)
-        if NUM_IMAGES_INDEX in self.h5:
-            index: dict[str, dict[str, int]] = json.loads(self.h5[NUM_IMAGES_INDEX][()])
-            return index[split]
+        if NUM_IMAGES_INDEX in self.h5:  # parsed once per reader (every evaluation asks)
+            return self._num_images_index[split]
         if self.layout == "central":
             return {u: len(ids) for u, ids in self._central_index(split).items()}
         return {user: int(group[user]["image_ids"].shape[0]) for user in group}
+
+    @cached_property
+    def _num_images_index(self) -> dict[str, dict[str, int]]:
+        index: dict[str, dict[str, int]] = json.loads(self.h5[NUM_IMAGES_INDEX][()])
+        return index
 
     def _central_index(self, split: str) -> dict[str, list[str]]:
         cache = self.__dict__.setdefault("_central_cache", {})
