@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,11 +69,20 @@ class OfflineRun:
     exit_code: int | None = None
 
 
-def read_offline_run(run_dir: Path) -> OfflineRun:
-    """Decode the single `.wandb` file of an offline run directory."""
+def read_offline_run(run_dir: Path, timeout: float = 60.0) -> OfflineRun:
+    """Decode the single `.wandb` file of an offline run directory.
+
+    wandb-core writes the file from its own process and can still be flushing when
+    `run.finish()` returns (seen on a loaded 2-core machine), so wait for the exit record.
+    """
     (path,) = run_dir.glob("*.wandb")
+    deadline = time.monotonic() + timeout
+    records = _complete_records(path)
+    while records is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        records = _complete_records(path)
     run = OfflineRun()
-    for record in read_records(path):
+    for record in records if records is not None else read_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run.run_id, run.group = record.run.run_id, record.run.run_group
@@ -87,6 +97,16 @@ def read_offline_run(run_dir: Path) -> OfflineRun:
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
     return run
+
+
+def _complete_records(path: Path) -> list[Any] | None:
+    """The file's records once its exit record is written, else None."""
+    try:
+        records = read_records(path)
+    except AssertionError:  # a chunk still being written
+        return None
+    done = any(r.WhichOneof("record_type") == "exit" for r in records)
+    return records if done else None
 
 
 def offline_runs(out_dir: Path) -> list[Path]:
