@@ -7,6 +7,7 @@ per-round (per-epoch) bookkeeping: best-val model, loggers, console progress, su
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -132,13 +133,21 @@ class RoundTracker:
         self.best: dict[str, Any] = {"round": 0, **initial_val}
         self.best_arrays: ArrayRecord | None = None
         self.progress = ConsoleProgress(num_rounds, unit=unit)
+        self.diverged: str | None = None  # why the run stopped as diverged
 
     def on_round(self, server_round: int, arrays: ArrayRecord, metrics: dict[str, Any]) -> bool:
         metrics.update(self.privacy.round_metrics(server_round))
         every = self.eval_every
         if (every and server_round % every == 0) or server_round == self.num_rounds:
+            started = time.perf_counter()
             metrics.update(self.evaluator(arrays, "val"))
-            if metrics["val_macro_ap"] > self.best["val_macro_ap"]:
+            metrics["time_eval_s"] = time.perf_counter() - started
+            if not math.isfinite(metrics["val_loss"]):
+                self.diverged = (
+                    f"training diverged in round {server_round}: the global model's val loss "
+                    f"is {metrics['val_loss']}"
+                )
+            elif metrics["val_macro_ap"] > self.best["val_macro_ap"]:
                 self.best = {
                     "round": server_round,
                     **{k: v for k, v in metrics.items() if k.startswith("val_")},
@@ -149,10 +158,28 @@ class RoundTracker:
         self.progress.log_round(server_round, metrics)
         for logger in self.loggers:
             logger.log_round(server_round, metrics)
+        if self.diverged:
+            return True  # no checkpoint of a diverged model: the last one stays
         every = self.checkpoint_every
         if self.checkpoint and every and server_round % every == 0:
             self.checkpoint(server_round, arrays)
         return False
+
+    def abandon(self, outcome: LoopOutcome, reason: str) -> None:
+        """End a diverged run: summary of what was done, loggers closed, no model written."""
+        summary: dict[str, Any] = {
+            "rounds": outcome.rounds_done,
+            "stop_reason": reason,
+            "diverged": True,
+            "untrained_val_macro_ap": self.initial_val["val_macro_ap"],
+            "best_round": self.best["round"],
+            **{f"best_{k}": v for k, v in self.best.items() if k.startswith("val_")},
+            "wall_time_s": time.perf_counter() - self.started,
+        }
+        write_results(summary, self.out)
+        for logger in self.loggers:
+            logger.log_summary(summary)
+            logger.close()
 
     def state_dict(self) -> dict[str, Any]:
         """Best-val bookkeeping for checkpoints."""

@@ -35,21 +35,26 @@ from flair_fl.driver import (
     device_for,
     make_model,
 )
+from flair_fl.errors import TrainingDiverged
 from flair_fl.federated.client_app import (
     EXAMPLES_WEIGHT_KEY,
     UNIFORM_WEIGHT_KEY,
     ClientSpec,
     make_client_app,
 )
+from flair_fl.federated.faults import FaultSpec
 from flair_fl.federated.sampling import CohortSampler, derive_seed
 from flair_fl.federated.schedule import ScheduledServerLR, ServerLRSchedule
 from flair_fl.federated.server_app import LoopOutcome, RoundPlan, make_server_app
 from flair_fl.federated.simulation import run_simulation
+from flair_fl.federated.transport import make_transport
 from flair_fl.models.params import trainable_state
 from flair_fl.privacy import Privacy, PrivacyContext
 from flair_fl.training import LocalTraining
 
 log = logging.getLogger(__name__)
+
+
 WEIGHT_KEYS = {"uniform": UNIFORM_WEIGHT_KEY, "examples": EXAMPLES_WEIGHT_KEY}
 
 
@@ -106,7 +111,23 @@ def _client_spec(cfg: DictConfig, data: FederatedData, privacy: Privacy, out: Pa
         label_index=data.label_index,
         state_dir=str((out / "client_state").resolve()),
         reader_settings=data.reader_settings(),
+        faults=fault_spec(cfg),
+        gpu_fraction=float(resources.get("num_gpus", 0)),
     )
+
+
+def fault_spec(cfg: DictConfig) -> FaultSpec:
+    node = cfg.client.get("faults") or {}
+    try:
+        return FaultSpec(
+            probability=float(node.get("probability", 0.0)),
+            kinds=tuple(str(k) for k in node.get("kinds", FaultSpec.kinds)),  # YAML: nan is a float
+            hang_s=float(node.get("hang_s", FaultSpec.hang_s)),
+            start_round=int(node.get("start_round", 1)),
+            seed=cfg.seed,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
@@ -187,7 +208,23 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     )
     client_app = make_client_app(_client_spec(cfg, data, privacy, out))
     backend = OmegaConf.to_container(cfg.simulation.backend, resolve=True)
-    run_simulation(server_app, client_app, cfg.simulation.num_supernodes, backend, outcome)  # type: ignore[arg-type]
+    client_timeout = cfg.simulation.get("client_timeout") or cfg.simulation.round_timeout
+    run_simulation(
+        server_app,
+        client_app,
+        cfg.simulation.num_supernodes,
+        backend,  # type: ignore[arg-type]
+        outcome,
+        client_timeout=float(client_timeout),
+        actor_start_timeout=float(cfg.simulation.get("actor_start_timeout", 120)),
+    )
+    if outcome.diverged or tracker.diverged:
+        reason = outcome.stop_reason or tracker.diverged
+        tracker.abandon(outcome, str(reason))
+        raise TrainingDiverged(
+            f"{reason}. Metrics up to the last good round are in {out}; the last checkpoint "
+            f"({out / CHECKPOINT_NAME}) holds a model from before the divergence."
+        )
     if outcome.stop_reason:
         print(f"flair-fl: stopped after round {outcome.rounds_done}: {outcome.stop_reason}")
     return tracker.finish(outcome)
@@ -229,7 +266,14 @@ def _round_plan(
 ) -> RoundPlan:
     users_val = list(data.reader.population("val"))
     fed_cohort = min(cfg.eval.federated_cohort, len(users_val))
+    sim = cfg.simulation
+    try:
+        transport = make_transport(sim.get("transport", "shared"), sim.get("shared_dir"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return RoundPlan(
+        transport=transport,
+        min_replies=int(cfg.get("min_replies", 1)),
         num_rounds=cfg.num_rounds,
         sampler=CohortSampler(train_users, cfg.cohort_size, cfg.seed),
         round_timeout=float(cfg.simulation.round_timeout),

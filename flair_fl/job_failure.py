@@ -20,11 +20,16 @@ from pathlib import Path
 
 from flair_fl.config_checks import ConfigError
 from flair_fl.data.raw import FlairFormatError
+from flair_fl.errors import TrainingDiverged
 from flair_fl.loggers import close_open_loggers
 
 FAILED_JOB_SCORE = float("-inf")
 ERROR_FILE = "error.txt"
-USER_ERRORS = (ConfigError, FlairFormatError)  # reported in one line, no traceback
+USER_ERRORS = (
+    ConfigError,
+    FlairFormatError,
+    TrainingDiverged,
+)  # reported in one line, no traceback
 
 
 def in_multirun() -> bool:

@@ -37,16 +37,13 @@ def tiny_hdf5(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return prepare_flair(tiny_raw, tmp_path_factory.mktemp("h5") / "flair.hdf5", progress=False)
 
 
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
-    """One local Ray head for the whole session (saves Ray's start-up in every run).
-
-    Runs attach to it with `+simulation.backend.init_args.address=...`. If it cannot be
-    started, yields None and each run starts its own Ray.
-    """
+@contextlib.contextmanager
+def local_ray_head(temp_dir: Path, env: dict[str, str] | None = None) -> Iterator[str | None]:
+    """A Ray head on loopback in its own process group (as `ray start --head` on a cluster's
+    first machine); yields its address, or None if it did not come up. `env`: extra
+    environment of the node (its clients see it)."""
     port = _free_port()
     ray = Path(sys.executable).with_name("ray")
-    temp_dir = tmp_path_factory.mktemp("ray")
     # `--block` keeps the head's processes under this one process group, so teardown stops
     # this head only (`ray stop` would stop every Ray cluster on the machine).
     head = subprocess.Popen(
@@ -65,17 +62,30 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
-    address = f"127.0.0.1:{port}" if _wait_for_port(port, head) else None
-    yield address
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, sig)
-        try:
-            head.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    try:
+        yield f"127.0.0.1:{port}" if _wait_for_port(port, head) else None
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, sig)
+            try:
+                head.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
+    """One local Ray head for the whole session (saves Ray's start-up in every run).
+
+    Runs attach to it with `+simulation.backend.init_args.address=...`. If it cannot be
+    started, yields None and each run starts its own Ray.
+    """
+    with local_ray_head(tmp_path_factory.mktemp("ray")) as address:
+        yield address
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 90) -> bool:

@@ -7,7 +7,12 @@ the model and transforms live in the actor process, created lazily and kept betw
 from __future__ import annotations
 
 import os
+import resource
+import threading
+import time
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +25,17 @@ from torch import nn
 from flair_fl.data.datasets import UserDataset, build_transform
 from flair_fl.data.hdf5 import LabelSet
 from flair_fl.data.source import open_reader
+from flair_fl.federated import faults
 from flair_fl.federated.sampling import derive_seed
+from flair_fl.federated.transport import (
+    LAYOUT_KEY,
+    REPLY_DIR_KEY,
+    REPLY_PATH_KEY,
+    WEIGHTS_PATH_KEY,
+    Layout,
+    map_flat,
+    write_flat,
+)
 from flair_fl.federated.user_state import UserStateStore, scaffold_update, split_control
 from flair_fl.metrics import MetricState
 from flair_fl.models.params import load_trainable, trainable_state
@@ -51,6 +66,9 @@ class ClientSpec:
     local_dp: dict[str, Any] | None = None  # client-side DP (DP-SGD) settings, privacy group
     extra: dict[str, Any] = field(default_factory=dict)
     reader_settings: dict[str, Any] = field(default_factory=dict)  # data.source.open_reader
+    faults: faults.FaultSpec = field(default_factory=faults.FaultSpec)  # off unless configured
+    gpu_fraction: float = 0.0  # the actor's share of its GPU (num_gpus): caps its memory
+    data_path_env: str = "FLAIR_FL_DATA"  # on a node with this variable set, read data there
 
 
 class _Runtime:
@@ -59,11 +77,47 @@ class _Runtime:
     def __init__(self, spec: ClientSpec):
         torch.set_num_threads(max(1, spec.num_threads))
         self.device = torch.device("cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
-        self.reader = open_reader(spec.hdf5_path, **spec.reader_settings)
+        if self.device.type == "cuda" and 0 < spec.gpu_fraction < 1:
+            # Ray shares the GPU between actors but does not cap their memory.
+            torch.cuda.set_per_process_memory_fraction(spec.gpu_fraction)
+        self.reader = open_reader(node_data_path(spec), **spec.reader_settings)
+        self.idle_release = _IdleRelease() if self.device.type == "cuda" else None
         self.model: nn.Module = instantiate(spec.model)(num_classes=spec.num_labels)
         self.model.to(self.device)
         self.train_transform = build_transform(train=True, size=spec.input_size)
         self.eval_transform = build_transform(train=False, size=spec.input_size)
+
+
+class _IdleRelease:
+    """Return cached GPU memory once an actor has been idle for a moment (between rounds,
+    while the driver aggregates and evaluates), not after every client (that would make
+    every client pay cudaMalloc again)."""
+
+    def __init__(self, idle_s: float = 1.0):
+        self.idle_s, self.generation, self.lock = idle_s, 0, threading.Lock()
+
+    def job_done(self) -> None:
+        with self.lock:
+            self.generation += 1
+            generation = self.generation
+        timer = threading.Timer(self.idle_s, self._release, args=(generation,))
+        timer.daemon = True
+        timer.start()
+
+    def job_started(self) -> None:
+        with self.lock:
+            self.generation += 1
+
+    def _release(self, generation: int) -> None:
+        with self.lock:
+            if generation == self.generation:
+                torch.cuda.empty_cache()
+
+
+def node_data_path(spec: ClientSpec) -> str:
+    """The data file on this node: `$FLAIR_FL_DATA` where set (a Ray cluster whose nodes keep
+    the data at different paths), else the driver's path."""
+    return os.environ.get(spec.data_path_env) or spec.hdf5_path
 
 
 _RUNTIMES: dict[tuple[int, str], _Runtime] = {}
@@ -79,18 +133,51 @@ def _runtime(spec: ClientSpec) -> _Runtime:
 
 def _load_global(runtime: _Runtime, msg: Message) -> dict[str, torch.Tensor]:
     """Load the global weights; return SCAFFOLD's server control variate (empty if none)."""
-    arrays = msg.content.array_records[ARRAYS_KEY].to_torch_state_dict()
-    weights, control = split_control(dict(arrays))
+    config = msg.content.config_records[CONFIG_KEY]
+    if WEIGHTS_PATH_KEY in config:  # shared transport: map the round's weights file
+        layout = Layout.from_json(str(config[LAYOUT_KEY]))
+        views = layout.views(map_flat(str(config[WEIGHTS_PATH_KEY]), layout))
+        arrays = {k: torch.from_numpy(v) for k, v in views.items()}
+    else:
+        arrays = dict(msg.content.array_records[ARRAYS_KEY].to_torch_state_dict())
+    weights, control = split_control(arrays)
     load_trainable(runtime.model, weights)
     return control
+
+
+def _reply_arrays(
+    config: ConfigRecord, arrays: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> RecordDict:
+    """The update as an ArrayRecord (message transport) or a file (shared transport)."""
+    if REPLY_DIR_KEY not in config:
+        return RecordDict({ARRAYS_KEY: ArrayRecord(arrays)})
+    name = f"c{meta['cohort-index']}-{uuid.uuid4().hex[:8]}.f32"
+    path = Path(str(config[REPLY_DIR_KEY])) / name
+    layout = write_flat(path, arrays)
+    meta.update({REPLY_PATH_KEY: str(path), LAYOUT_KEY: layout.to_json()})
+    return RecordDict()
+
+
+def _resource_metrics(runtime: _Runtime) -> dict[str, float]:
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    gpu = 0.0
+    if runtime.device.type == "cuda":
+        gpu = torch.cuda.max_memory_allocated(runtime.device) / 2**20
+    return {"peak-rss-mb": float(peak_rss), "gpu-mem-mb": float(gpu)}
 
 
 def client_train(spec: ClientSpec, msg: Message) -> Message:
     """Train the global model on one user's data; reply with the new trainable weights."""
     runtime = _runtime(spec)
+    if runtime.idle_release:
+        runtime.idle_release.job_started()
     config = msg.content.config_records[CONFIG_KEY]
     user_id, server_round = str(config["user-id"]), int(str(config["server-round"]))
+    fault = spec.faults.draw(server_round, user_id)
+    faults.before_training(spec.faults, fault, user_id, server_round)
+    started = time.perf_counter()
     control = _load_global(runtime, msg)
+    loaded = time.perf_counter()
     before = trainable_state(runtime.model)
     dataset = UserDataset.from_file(
         runtime.reader,
@@ -122,6 +209,7 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
         )
     else:
         stats = train_local(runtime.model, dataset, settings, runtime.device, generator, correction)
+    trained = time.perf_counter()
     reply = trainable_state(runtime.model)
     if store is not None and user_control is not None:
         new_control, delta = scaffold_update(
@@ -129,29 +217,34 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
         )
         store.save(user_id, new_control)
         reply.update(delta)
-    metrics = MetricRecord(
+    if fault == "nan":
+        for tensor in reply.values():
+            tensor.fill_(float("nan"))
+    meta: dict[str, Any] = {"user-id": user_id, "cohort-index": int(str(config["cohort-index"]))}
+    content = _reply_arrays(config, reply, meta)
+    content[META_KEY] = ConfigRecord(meta)
+    content[METRICS_KEY] = MetricRecord(
         {
             "train-loss": stats["train_loss"],
             EXAMPLES_WEIGHT_KEY: int(stats["num_examples"]),
             UNIFORM_WEIGHT_KEY: 1,
             "num-steps": int(stats["num_steps"]),
+            "time-load": loaded - started,
+            "time-compute": trained - loaded,
+            "time-reply": time.perf_counter() - trained,
+            **_resource_metrics(runtime),
         }
     )
-    content = RecordDict(
-        {
-            ARRAYS_KEY: ArrayRecord(reply),
-            METRICS_KEY: metrics,
-            META_KEY: ConfigRecord(
-                {"user-id": user_id, "cohort-index": int(str(config["cohort-index"]))}
-            ),
-        }
-    )
+    if runtime.idle_release:
+        runtime.idle_release.job_done()
     return Message(content=content, reply_to=msg)
 
 
 def client_evaluate(spec: ClientSpec, msg: Message) -> Message:
     """Evaluate the global model on one (val) user; reply with summable metric statistics."""
     runtime = _runtime(spec)
+    if runtime.idle_release:
+        runtime.idle_release.job_started()
     config = msg.content.config_records[CONFIG_KEY]
     user_id, split = str(config["user-id"]), str(config.get("split", "val"))
     _load_global(runtime, msg)
@@ -165,6 +258,8 @@ def client_evaluate(spec: ClientSpec, msg: Message) -> Message:
         spec.label_index,
     )
     state = evaluate(runtime.model, dataset, spec.num_labels, spec.eval_batch_size, runtime.device)
+    if runtime.idle_release:
+        runtime.idle_release.job_done()
     content = RecordDict(
         {
             METRICS_KEY: metric_state_to_record(state),

@@ -1,14 +1,25 @@
 """The ServerApp: the one federated round loop.
 
 Each round the driver samples `cohort_size` FLAIR users (seeded), maps them onto the
-supernodes (concurrency slots, not users), sends each the global weights and its user id,
-lets the Flower strategy aggregate the replies (in cohort order, so results do not depend on
-arrival order), evaluates centrally every `eval_every` rounds, and reports to the loggers.
+supernodes (concurrency slots, not users), publishes the global weights once (transport.py)
+and sends each user's message, folds the replies into the round's reduction as they arrive
+(in cohort order, so results do not depend on arrival order), lets the Flower strategy apply
+its server step to the reduced round, evaluates centrally every `eval_every` rounds, and
+reports to the loggers.
+
+Faults: a client that raises, hangs past `simulation.client_timeout` or whose actor dies
+comes back as an error reply (the actor pool replaces dead actors, simulation.py); replies
+missing at `round_timeout` count as timed out; a non-finite update is rejected. The round
+goes on with what remains; with fewer than `min_replies` usable updates the model stays
+unchanged (the round is skipped and logged). If every update of a round is non-finite the
+run has diverged and stops (outcome.diverged) without touching the last good model.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,11 +29,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from flair_fl.federated.client_app import ARRAYS_KEY, CONFIG_KEY, META_KEY
+from flair_fl.federated.client_app import ARRAYS_KEY, CONFIG_KEY, META_KEY, METRICS_KEY
+from flair_fl.federated.reduce import MeanReduction, MetricsReduction, Reduction
 from flair_fl.federated.sampling import CohortSampler
+from flair_fl.federated.transport import MessageTransport
 
 log = logging.getLogger(__name__)
 RoundHook = Callable[[int, ArrayRecord, dict[str, Any]], bool | None]
+TIMEOUT_MARK, DIED_MARK = "client timed out", "client actor died"  # in error reasons
+FAILURE_KINDS = ("raised", "timeout", "died", "rejected")
+
+
+def is_measurement(key: str) -> bool:
+    """Whether a metric measures the machine (times, memory), not the learning: those
+    differ between otherwise identical runs."""
+    return key.startswith("time_") or key.endswith(("_s", "_mb"))
 
 
 @dataclass
@@ -39,6 +60,9 @@ class RoundPlan:
     # Asked before each round; a returned reason (e.g. privacy budget spent) ends the run.
     should_stop: Callable[[int], str | None] | None = None
     before_round: Callable[[int], None] | None = None  # e.g. set the server learning rate
+    transport: MessageTransport = field(default_factory=MessageTransport)
+    min_replies: int = 1  # fewer usable updates: the round is skipped (model unchanged)
+    poll_interval: float = 0.005  # seconds between polls for replies
 
 
 @dataclass
@@ -49,6 +73,7 @@ class LoopOutcome:
     rounds_done: int = 0
     stop_reason: str | None = None
     error: BaseException | None = None
+    diverged: bool = False
 
 
 def _cohort_messages(
@@ -85,11 +110,104 @@ def _wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
     return node_ids
 
 
-def _in_cohort_order(replies: list[Message]) -> tuple[list[Message], list[Message]]:
-    ok = [m for m in replies if not m.has_error()]
-    failed = [m for m in replies if m.has_error()]
-    ok.sort(key=lambda m: int(str(m.content.config_records[META_KEY]["cohort-index"])))
-    return ok, failed
+def failure_kind(reply: Message) -> str:
+    reason = reply.error.reason or ""
+    if TIMEOUT_MARK in reason:
+        return "timeout"
+    if DIED_MARK in reason:
+        return "died"
+    return "raised"
+
+
+def exchange(
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    poll_interval: float,
+    handle: Callable[[int, Message | None], None],
+) -> None:
+    """Send `messages`; call `handle(cohort index, reply)` in cohort order as replies come
+    (reply None: no reply by `timeout`). Replies arriving early wait for their turn."""
+    ids = list(grid.push_messages(messages))
+    index_of = {message_id: index for index, message_id in enumerate(ids)}
+    pending, held, turn = set(ids), {}, 0
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        replies = list(grid.pull_messages(pending))
+        for reply in replies:
+            message_id = reply.metadata.reply_to_message_id
+            pending.discard(message_id)
+            held[index_of[message_id]] = reply
+        while turn in held:
+            handle(turn, held.pop(turn))
+            turn += 1
+        if not replies:
+            time.sleep(poll_interval)
+    for index in range(turn, len(ids)):  # the rest, in order; missing ones timed out
+        handle(index, held.pop(index, None))
+
+
+@dataclass
+class _RoundFold:
+    """Folds one round's replies into its reduction and counts what failed, and why."""
+
+    transport: MessageTransport
+    reduction: Reduction
+    metrics: MetricsReduction
+    weight_key: str
+    failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAILURE_KINDS, 0))
+    template: Message | None = None
+    accepted: list[Message] = field(default_factory=list)  # without their arrays
+    busy_s: float = 0.0
+    round_label: str = ""
+
+    def __call__(self, index: int, reply: Message | None) -> None:
+        started = time.perf_counter()
+        try:
+            self._fold(index, reply)
+        finally:
+            if reply is not None and not reply.has_error():
+                self.transport.release(reply)
+            self.busy_s += time.perf_counter() - started
+
+    def _fold(self, index: int, reply: Message | None) -> None:
+        if reply is None:
+            self.failures["timeout"] += 1
+            return
+        if reply.has_error():
+            kind = failure_kind(reply)
+            self.failures[kind] += 1
+            log.warning(
+                "%s: client %d failed (%s): %s",
+                self.round_label,
+                index,
+                kind,
+                (reply.error.reason or "")[-300:],
+            )
+            return
+        record = reply.content.metric_records[METRICS_KEY]
+        loss = float(record.get("train-loss", 0.0))  # type: ignore[arg-type]
+        layout, flat = self.transport.reply_vector(reply)
+        reason = (
+            "a non-finite training loss"
+            if not math.isfinite(loss)
+            else self.reduction.add(layout, flat, float(record[self.weight_key]))  # type: ignore[arg-type]
+        )
+        if reason:
+            self.failures["rejected"] += 1
+            user = reply.content.config_records[META_KEY].get("user-id")
+            log.warning("%s: update of user %s rejected: %s", self.round_label, user, reason)
+            return
+        self.metrics.add(record)
+        if ARRAYS_KEY in reply.content.array_records:  # keep the metadata, free the update
+            del reply.content.array_records[ARRAYS_KEY]
+        self.accepted.append(reply)
+        self.template = self.template or reply
+
+
+def _reduction_for(strategy: Strategy, weight_key: str) -> Reduction:
+    make = getattr(strategy, "reduction", None)  # central DP clips every update first
+    return make() if callable(make) else MeanReduction(weight_key)
 
 
 def run_rounds(
@@ -104,6 +222,8 @@ def run_rounds(
 ) -> None:
     """Run rounds `start_round..num_rounds`; `on_round` returning True stops early."""
     node_ids = _wait_for_nodes(grid, plan.num_supernodes, plan.round_timeout)
+    weight_key = str(getattr(strategy, "weighted_by_key", "uniform-weight"))
+    transport = plan.transport
     for server_round in range(start_round, plan.num_rounds + 1):
         if plan.should_stop and (reason := plan.should_stop(server_round)):
             outcome.stop_reason = reason
@@ -113,6 +233,7 @@ def run_rounds(
         if plan.before_round:
             plan.before_round(server_round)
         users = plan.sampler.sample(server_round)
+        sampled = time.perf_counter()
         # The strategy's own configure_train keeps its state right (FedOpt remembers the
         # current weights) and says what to send (FedProx adds proximal-mu, SCAFFOLD adds its
         # control variate to the arrays); we keep that payload and replace its node
@@ -125,51 +246,108 @@ def run_rounds(
         config = dict(template[0].content[CONFIG_KEY]) if template else dict(plan.base_config)
         config["server-round"] = server_round
         payload = template[0].content.array_records[ARRAYS_KEY] if template else arrays
-        messages = _cohort_messages(payload, config, users, node_ids, MessageType.TRAIN)
-        replies, failed = _in_cohort_order(
-            list(grid.send_and_receive(messages, timeout=plan.round_timeout))
+        entries, inline = transport.publish("train", payload)
+        messages = _cohort_messages(
+            inline, {**config, **entries}, users, node_ids, MessageType.TRAIN
         )
-        for reply in failed:
-            log.warning("round %d: a client failed: %s", server_round, reply.error.reason)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:
-            arrays = new_arrays
-        reported = dict(train_metrics or {})
+        fold = _RoundFold(
+            transport,
+            _reduction_for(strategy, weight_key),
+            MetricsReduction(weight_key),
+            weight_key,
+            round_label=f"round {server_round}",
+        )
+        sent = time.perf_counter()
+        exchange(grid, messages, plan.round_timeout, plan.poll_interval, fold)
+        received = time.perf_counter()
+        summary = fold.metrics.result()
+        ok, rejected = fold.reduction.count, fold.failures["rejected"]
+        skipped = ok < plan.min_replies
+        if ok == 0 and rejected > 0:
+            outcome.diverged = True
+            outcome.stop_reason = (
+                f"training diverged in round {server_round}: all {rejected} client updates "
+                "were NaN/inf; the model of the last good round is kept (lower client.lr?)"
+            )
+        elif skipped:
+            log.warning(
+                "round %d skipped: %d usable updates < min_replies=%d (failures: %s)",
+                server_round,
+                ok,
+                plan.min_replies,
+                fold.failures,
+            )
+        elif fold.template is not None:
+            if callable(observe := getattr(strategy, "observe_replies", None)):
+                observe(server_round, fold.accepted)  # e.g. DP-SGD's per-user ledger
+            new_arrays = fold.reduction.apply(strategy, server_round, summary, fold.template)
+            if new_arrays is not None:
+                arrays = new_arrays
+        aggregated = time.perf_counter()
+        transport.end_round()
         metrics: dict[str, Any] = {
-            "train_loss": reported.get("train-loss", float("nan")),
-            "train_steps": reported.get("num-steps", float("nan")),
+            "train_loss": summary.get("train-loss", float("nan")),
+            "train_steps": summary.get("num-steps", float("nan")),
+            "train_images": summary.get("num-examples", 0.0),
+            "clients_ok": ok,
+            "clients_failed": plan.sampler.cohort_size - ok,
+            **{f"clients_{kind}": n for kind, n in fold.failures.items()},
+            "round_skipped": int(skipped),
+            "time_sample_s": sampled - started,
+            "time_send_s": sent - sampled,
+            "time_wait_s": received - sent - fold.busy_s,
+            "time_aggregate_s": fold.busy_s + aggregated - received,
+            "client_load_s": summary.get("time-load", 0.0),
+            "client_compute_s": summary.get("time-compute", 0.0),
+            "client_reply_s": summary.get("time-reply", 0.0),
+            "client_rss_mb": summary.get("peak-rss-mb", float("nan")),
+            "client_gpu_mem_mb": summary.get("gpu-mem-mb", float("nan")),
+            "driver_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
-        metrics.update(
-            {
-                "clients_ok": len(replies),
-                "clients_failed": len(failed)
-                + plan.sampler.cohort_size
-                - len(replies)
-                - len(failed),
-                "round_time_s": time.perf_counter() - started,
-            }
-        )
         if (
             on_fed_eval
             and plan.fed_eval_sampler
             and plan.fed_eval_every
             and server_round % plan.fed_eval_every == 0
         ):
-            eval_users = plan.fed_eval_sampler.sample(server_round, purpose="federated-eval")
-            eval_msgs = _cohort_messages(
-                arrays,
-                {"server-round": server_round, "split": "val"},
-                eval_users,
-                node_ids,
-                MessageType.EVALUATE,
-            )
-            eval_ok, _ = _in_cohort_order(
-                list(grid.send_and_receive(eval_msgs, timeout=plan.round_timeout))
-            )
-            metrics.update(on_fed_eval(server_round, eval_ok))
+            metrics.update(_federated_eval(grid, arrays, plan, server_round, node_ids, on_fed_eval))
+        metrics["round_time_s"] = time.perf_counter() - started
         outcome.arrays, outcome.rounds_done = arrays, server_round
-        if on_round(server_round, arrays, metrics):
+        if on_round(server_round, arrays, metrics) or outcome.diverged:
+            if outcome.diverged:
+                log.error("%s", outcome.stop_reason)
             break
+
+
+def _federated_eval(
+    grid: Grid,
+    arrays: ArrayRecord,
+    plan: RoundPlan,
+    server_round: int,
+    node_ids: list[int],
+    on_fed_eval: Callable[[int, list[Message]], dict[str, Any]],
+) -> dict[str, Any]:
+    assert plan.fed_eval_sampler is not None
+    eval_users = plan.fed_eval_sampler.sample(server_round, purpose="federated-eval")
+    entries, inline = plan.transport.publish("eval", arrays)
+    eval_msgs = _cohort_messages(
+        inline,
+        {"server-round": server_round, "split": "val", **entries},
+        eval_users,
+        node_ids,
+        MessageType.EVALUATE,
+    )
+    replies: list[Message] = []
+
+    def keep(index: int, reply: Message | None) -> None:
+        if reply is not None and not reply.has_error():
+            replies.append(reply)
+
+    try:
+        exchange(grid, eval_msgs, plan.round_timeout, plan.poll_interval, keep)
+    finally:
+        plan.transport.end_round()
+    return on_fed_eval(server_round, replies)
 
 
 def make_server_app(
@@ -193,5 +371,7 @@ def make_server_app(
         except BaseException as err:  # surfaced to the caller after the simulation ends
             outcome.error = err
             raise
+        finally:
+            plan.transport.close()
 
     return app

@@ -112,8 +112,18 @@ class Scaffold(FedAvg):
         if average is None or self.current is None or self.control is None:
             return average, metrics
         mean = _to_numpy(average)
-        share = len([r for r in replies if not r.has_error()]) / self.population_size
+        share = _num_replies(replies) / self.population_size
         for key in self.control:
             self.control[key] = self.control[key] + share * mean[SCAFFOLD_DC_PREFIX + key]
         new = {k: x + self.lr * (mean[k] - x) for k, x in self.current.items()}
         return _to_record(new), metrics
+
+
+def _num_replies(replies: list[Message]) -> int:
+    """Users behind the replies: a merged reply (federated/reduce.py) stands for several."""
+    total = 0
+    for reply in replies:
+        if not reply.has_error():
+            metrics = next(iter(reply.content.metric_records.values()))
+            total += int(metrics.get("replies", 1))  # type: ignore[arg-type]
+    return total

@@ -1,67 +1,11 @@
-"""The arithmetic of central DP: clip updates, sum, add Gaussian noise, adapt the clip norm.
-
-Plain numpy on lists of arrays (one per model tensor); no Flower, no accounting.
-"""
+"""Adaptive clip norm for central DP (clipping and summing itself: federated/reduce.py)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-Arrays = list[np.ndarray]
-
-
-def l2_norm(arrays: Sequence[np.ndarray]) -> float:
-    """L2 norm of all arrays taken together (as one flat vector)."""
-    return math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays))
-
-
-@dataclass
-class ClippedSum:
-    """Sum of clipped updates, with the pre-clipping norms for diagnostics."""
-
-    total: Arrays  # float64, one array per model tensor
-    norms: list[float]  # each update's L2 norm before clipping
-    clip_norm: float
-
-    @property
-    def count(self) -> int:
-        return len(self.norms)
-
-    @property
-    def clipped_fraction(self) -> float:
-        """Share of updates that were scaled down (norm > C); NaN with no updates."""
-        if not self.norms:
-            return float("nan")
-        return sum(n > self.clip_norm for n in self.norms) / len(self.norms)
-
-    @property
-    def unclipped_count(self) -> int:
-        """Updates with norm <= C (the count adaptive clipping privatises)."""
-        return sum(n <= self.clip_norm for n in self.norms)
-
-
-def clip_and_sum(
-    updates: Iterable[Arrays], clip_norm: float, shapes: Sequence[tuple[int, ...]]
-) -> ClippedSum:
-    """Scale each update to L2 norm <= `clip_norm` (McMahan et al.'s flat clipping); sum."""
-    total = [np.zeros(shape, dtype=np.float64) for shape in shapes]
-    norms: list[float] = []
-    for update in updates:
-        norm = l2_norm(update)
-        scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-        for acc, part in zip(total, update, strict=True):
-            acc += np.asarray(part, dtype=np.float64) * scale
-        norms.append(norm)
-    return ClippedSum(total, norms, clip_norm)
-
-
-def add_gaussian_noise(arrays: Arrays, std: float, rng: np.random.Generator) -> Arrays:
-    """`arrays` plus i.i.d. N(0, std^2) noise on every coordinate (float64)."""
-    return [a + rng.normal(0.0, std, size=a.shape) for a in arrays]
 
 
 @dataclass

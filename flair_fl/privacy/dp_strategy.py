@@ -19,23 +19,20 @@ the requested quantile (its formula uses the clipped fraction; see tests).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from flair_fl.federated.reduce import REPLIES_KEY, ClipReduction, MetricsReduction, merged_reply
 from flair_fl.federated.sampling import derive_seed
+from flair_fl.federated.transport import flatten_record
 from flair_fl.federated.wrapper import DelegatingStrategy
-from flair_fl.privacy.clipping import (
-    Arrays,
-    QuantileClipNorm,
-    add_gaussian_noise,
-    clip_and_sum,
-)
+from flair_fl.privacy.clipping import QuantileClipNorm
 
 
 @dataclass(frozen=True)
@@ -98,71 +95,65 @@ class CentralDPStrategy(DelegatingStrategy):
                 _require_same_keys(record.keys(), arrays.keys(), "sends")
         return messages
 
+    def reduction(self) -> ClipReduction:
+        """An empty clipped sum for this round (the round loop adds replies as they come)."""
+        if self.current_arrays is None:
+            raise RuntimeError("configure_train must run before the round's replies")
+        layout, current = flatten_record(self.current_arrays)
+        return ClipReduction(layout, current.astype(np.float64), self.clip_norm)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Clip, sum, noise, divide by the sampled cohort; the wrapped strategy does the rest."""
-        if self.current_arrays is None:
-            raise RuntimeError("configure_train must run before aggregate_train")
+        reduction = self.reduction()
         ok = [reply for reply in replies if not reply.has_error()]
-        names = list(self.current_arrays.keys())
-        current = [self.current_arrays[name].numpy() for name in names]
-        clip_norm = self.clip_norm
-        summed = clip_and_sum(
-            (_update(reply, names, current) for reply in ok), clip_norm, [c.shape for c in current]
-        )
+        weight_key = str(getattr(self.strategy, "weighted_by_key", "uniform-weight"))
+        metrics = MetricsReduction(weight_key)
+        for reply in ok:
+            layout, flat = flatten_record(next(iter(reply.content.array_records.values())))
+            if reduction.add(layout, flat, 1.0) is None:
+                metrics.add(next(iter(reply.content.metric_records.values())))
+        summary = metrics.result()
+        arrays = self.aggregate_clipped(server_round, reduction, summary, ok[0] if ok else None)
+        return arrays, (MetricRecord(dict(summary)) if arrays is not None else None)
+
+    def aggregate_clipped(
+        self,
+        server_round: int,
+        reduction: ClipReduction,
+        metrics: dict[str, Any],
+        template: Message | None,
+    ) -> ArrayRecord | None:
+        """Noise the clipped sum, divide by the sampled cohort, delegate as one reply."""
+        clip_norm = reduction.clip_norm
         std_sum = self.noise_std_on_sum(clip_norm)
         stats = RoundStats(
             clip_norm=clip_norm,
             noise_std=std_sum / self.noise.cohort_size,
-            clipped_fraction=summed.clipped_fraction,
-            update_norm_mean=float(np.mean(summed.norms)) if ok else float("nan"),
-            received=len(ok),
+            clipped_fraction=reduction.clipped_fraction,
+            update_norm_mean=float(np.mean(reduction.norms)) if reduction.norms else float("nan"),
+            received=reduction.count,
         )
         self.history[server_round] = stats
-        if not ok:  # nothing to aggregate; the round still counts in the accountant
-            return None, None
+        if not reduction.count or template is None:  # the round still counts in the accountant
+            return None
         rng = np.random.default_rng(derive_seed(self.noise.seed, "central-dp", server_round))
-        noisy_sum = add_gaussian_noise(summed.total, std_sum, rng)
+        noisy_sum = reduction.total + rng.normal(0.0, std_sum, size=reduction.total.shape)
         if self.adaptive is not None:
-            fraction = self.adaptive.update(summed.unclipped_count, len(ok), rng)
+            fraction = self.adaptive.update(reduction.unclipped_count, reduction.count, rng)
             self.clip_norm = self.adaptive.clip_norm
             self.history[server_round] = RoundStats(
                 **{**stats.__dict__, "noisy_unclipped_fraction": fraction}
             )
-        return self._delegate(server_round, ok, names, current, noisy_sum)
-
-    def _delegate(
-        self,
-        server_round: int,
-        replies: list[Message],
-        names: list[str],
-        current: Arrays,
-        noisy_sum: Arrays,
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Hand global weights + noised mean update to the wrapped strategy as one reply."""
-        cohort = self.noise.cohort_size
-        private = ArrayRecord(
-            {
-                name: Array(np.asarray(c + total / cohort, dtype=c.dtype))
-                for name, c, total in zip(names, current, noisy_sum, strict=True)
-            }
-        )
+        private = reduction.current + noisy_sum / self.noise.cohort_size
+        record = reduction.layout.to_record(private.astype(np.float32))
         weight_key = str(getattr(self.strategy, "weighted_by_key", "uniform-weight"))
-        aggregate: Callable[[list[RecordDict], str], MetricRecord] = getattr(
-            self.strategy, "train_metrics_aggr_fn", aggregate_metricrecords
+        merged = merged_reply(
+            record, {**metrics, REPLIES_KEY: reduction.count}, weight_key, 1, template
         )
-        metrics = aggregate([reply.content for reply in replies], weight_key)
-        first = replies[0].content
-        content = RecordDict(
-            {
-                next(iter(first.array_records)): private,
-                next(iter(first.metric_records)): MetricRecord({**metrics, weight_key: 1}),
-            }
-        )
-        merged = Message(content, reply_to=replies[0])  # shaped like any reply
         arrays, _ = self.strategy.aggregate_train(server_round, [merged])
-        return arrays, metrics
+        return arrays
 
 
 def _require_same_keys(keys: Iterable[str], weights: Iterable[str], verb: str) -> None:
@@ -173,9 +164,3 @@ def _require_same_keys(keys: Iterable[str], weights: Iterable[str], verb: str) -
             f"arrays ({', '.join(extra[:3])}, ...): client state such as SCAFFOLD's control "
             "variates would leave the privacy guarantee; use a strategy without it"
         )
-
-
-def _update(reply: Message, names: list[str], current: Arrays) -> Arrays:
-    record = next(iter(reply.content.array_records.values()))
-    _require_same_keys(record.keys(), names, "receives")
-    return [record[name].numpy() - c for name, c in zip(names, current, strict=True)]

@@ -8,10 +8,9 @@ accountant the client used. Dataset sizes are treated as public, as Opacus does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Message
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
@@ -31,13 +30,9 @@ class LedgerStrategy(DelegatingStrategy):
         super().__init__(strategy)
         self.privacy = privacy
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Account each user's DP-SGD run, then delegate."""
-        replies = list(replies)
+    def observe_replies(self, server_round: int, replies: list[Message]) -> None:
+        """Account each accepted user's DP-SGD run (the round loop calls this per round)."""
         self.privacy.record(server_round, [r for r in replies if not r.has_error()])
-        return self.strategy.aggregate_train(server_round, replies)
 
 
 class LocalDPSGD:

@@ -1,0 +1,209 @@
+"""How model-sized arrays travel between the driver and the virtual clients.
+
+`message` (Flower's own path): the global weights ride in every train message as an
+ArrayRecord and each update comes back as one; every hop serialises, copies and hashes
+~45 MB for ResNet18 (shared/FLOWER_NOTES.md: ~190 ms per client on 2 cores).
+
+`shared` (default, one node): the driver writes the round's global weights once into a
+flat float32 file under a RAM-backed directory (/dev/shm); a message carries only its path
+and layout. A client maps the file (no copy until its parameters are loaded from it) and
+writes its update into a file of its own; the reply carries that path. The driver maps the
+update and folds it straight into the round's running sum, then deletes it. Flower still
+does the orchestration: sampling onto supernodes, scheduling on actors, replies, errors.
+
+Both give the round loop the same thing per reply: a layout and one flat float32 vector.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+
+WEIGHTS_PATH_KEY, LAYOUT_KEY, REPLY_DIR_KEY = "weights-path", "weights-layout", "reply-dir"
+REPLY_PATH_KEY = "update-path"
+TRANSPORTS = ("shared", "message")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names and shapes of float32 arrays laid end to end in one flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [int(np.prod(shape)) for shape in self.shapes]
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, Any]) -> Layout:
+        """Layout of named arrays (numpy arrays, tensors or Flower Arrays)."""
+        return cls(tuple(arrays), tuple(tuple(int(d) for d in a.shape) for a in arrays.values()))
+
+    def to_json(self) -> str:
+        return json.dumps([self.names, self.shapes])
+
+    @classmethod
+    def from_json(cls, text: str) -> Layout:
+        names, shapes = json.loads(text)
+        return cls(tuple(names), tuple(tuple(s) for s in shapes))
+
+    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """The named arrays as views into `flat` (no copy)."""
+        if flat.size != self.size:
+            raise ValueError(f"flat vector has {flat.size} values, layout needs {self.size}")
+        out, start = {}, 0
+        for name, shape, size in zip(self.names, self.shapes, self.sizes, strict=True):
+            out[name] = flat[start : start + size].reshape(shape)
+            start += size
+        return out
+
+    def to_record(self, flat: np.ndarray) -> ArrayRecord:
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in self.views(flat).items()})
+
+
+def flatten_record(record: ArrayRecord) -> tuple[Layout, np.ndarray]:
+    """One float32 vector holding a record's arrays (the message transport's decode)."""
+    layout = Layout.of(record)
+    flat = np.empty(layout.size, dtype=np.float32)
+    start = 0
+    for array, size in zip(record.values(), layout.sizes, strict=True):
+        flat[start : start + size] = array.numpy().ravel()
+        start += size
+    return layout, flat
+
+
+def write_flat(path: Path, arrays: Mapping[str, torch.Tensor | np.ndarray]) -> Layout:
+    """Write arrays end to end as float32 into `path` (via a temp name, then rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        for value in arrays.values():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().to("cpu", torch.float32).contiguous().numpy()
+            handle.write(np.ascontiguousarray(value, dtype=np.float32).data)
+    os.replace(tmp, path)
+    return Layout.of(arrays)
+
+
+def map_flat(path: str | Path, layout: Layout | None = None) -> np.ndarray:
+    """Map a flat float32 file without reading it (copy-on-write: writable, never written)."""
+    flat = np.memmap(path, dtype=np.float32, mode="c")
+    if layout is not None and flat.size != layout.size:
+        raise ValueError(f"{path}: {flat.size} values, the layout needs {layout.size}")
+    return flat
+
+
+def default_shared_root() -> Path:
+    """RAM-backed /dev/shm where it exists (Linux), else the temp directory."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+class MessageTransport:
+    """Flower's path: arrays inside the messages."""
+
+    name = "message"
+
+    def publish(self, tag: str, arrays: ArrayRecord) -> tuple[dict[str, Any], ArrayRecord | None]:
+        """Config entries and the ArrayRecord to put into every message of `tag`."""
+        return {}, arrays
+
+    def reply_vector(self, reply: Message) -> tuple[Layout, np.ndarray]:
+        return flatten_record(next(iter(reply.content.array_records.values())))
+
+    def release(self, reply: Message) -> None:
+        """Free what a reply holds (nothing here)."""
+
+    def end_round(self) -> None:
+        """Free the round's published weights (nothing here)."""
+
+    def close(self) -> None:
+        """Free everything (nothing here)."""
+
+
+class SharedTransport(MessageTransport):
+    """Arrays in files on a RAM-backed file system; messages carry paths (one node only)."""
+
+    name = "shared"
+
+    def __init__(self, root: str | Path | None = None):
+        base = Path(root) if root else default_shared_root()
+        self.dir = base / f"flair_fl-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.dir.mkdir(parents=True)
+        self.round_dir: Path | None = None
+        self.checked = False
+
+    def publish(self, tag: str, arrays: ArrayRecord) -> tuple[dict[str, Any], ArrayRecord | None]:
+        if not self.checked:
+            _require_one_node()
+            self.checked = True
+        if self.round_dir is None:
+            self.round_dir = self.dir / uuid.uuid4().hex[:8]
+            self.round_dir.mkdir()
+        path = self.round_dir / f"{tag}.f32"
+        layout = write_flat(path, {k: v.numpy() for k, v in arrays.items()})
+        entries = {
+            WEIGHTS_PATH_KEY: str(path),
+            LAYOUT_KEY: layout.to_json(),
+            REPLY_DIR_KEY: str(self.round_dir),
+        }
+        return entries, None
+
+    def reply_vector(self, reply: Message) -> tuple[Layout, np.ndarray]:
+        meta = _meta(reply)
+        layout = Layout.from_json(str(meta[LAYOUT_KEY]))
+        return layout, map_flat(str(meta[REPLY_PATH_KEY]), layout)
+
+    def release(self, reply: Message) -> None:
+        path = _meta(reply).get(REPLY_PATH_KEY)
+        if path:
+            Path(str(path)).unlink(missing_ok=True)
+
+    def end_round(self) -> None:
+        """Delete the round's files; a late client's write then fails (its directory is gone)."""
+        if self.round_dir is not None:
+            shutil.rmtree(self.round_dir, ignore_errors=True)
+            self.round_dir = None
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _require_one_node() -> None:
+    import ray
+
+    if ray.is_initialized() and sum(bool(node["Alive"]) for node in ray.nodes()) > 1:
+        raise RuntimeError(
+            "simulation.transport=shared needs the driver and all clients on one machine, but "
+            "the Ray cluster has several nodes: use simulation.transport=message "
+            "(simulation=cluster does)"
+        )
+
+
+def _meta(reply: Message) -> ConfigRecord:
+    from flair_fl.federated.client_app import META_KEY  # avoid an import cycle
+
+    return reply.content.config_records[META_KEY]
+
+
+def make_transport(name: str, root: str | None = None) -> MessageTransport:
+    if name == "message":
+        return MessageTransport()
+    if name == "shared":
+        return SharedTransport(root)
+    raise ValueError(f"simulation.transport={name!r}: expected one of {', '.join(TRANSPORTS)}")
