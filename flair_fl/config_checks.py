@@ -61,5 +61,15 @@ def validate_run_config(cfg: DictConfig, num_train_users: int | None = None) -> 
     _require(cfg, "eval.federated_cohort", int, 0)
     _require(cfg, "simulation.num_supernodes", int, 1)
     _require(cfg, "simulation.round_timeout", number, 0, low_inclusive=False)
+    if "client_timeout" in cfg.simulation:
+        _require(cfg, "simulation.client_timeout", number, 0, allow_none=True, low_inclusive=False)
+    if "actor_start_timeout" in cfg.simulation:
+        _require(cfg, "simulation.actor_start_timeout", number, 0)
+    _require(cfg, "min_replies", int, 1, cfg.cohort_size)
+    if cfg.client.get("precision", "fp32") not in ("fp32", "bf16"):
+        raise ConfigError(f"client.precision={cfg.client.precision!r}: expected fp32 or bf16")
+    if "faults" in cfg.client:
+        _require(cfg, "client.faults.probability", number, 0, 1)
+        _require(cfg, "client.faults.hang_s", number, 0, low_inclusive=False)
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={cfg.device!r}: expected one of auto, cpu, cuda")

@@ -7,6 +7,7 @@ per-round (per-epoch) bookkeeping: best-val model, loggers, console progress, su
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -33,6 +34,8 @@ from flair_fl.metrics import MetricState
 from flair_fl.models.params import load_trainable, trainable_state
 from flair_fl.privacy import Privacy
 from flair_fl.training import evaluate
+
+log = logging.getLogger(__name__)
 
 
 def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
@@ -102,8 +105,25 @@ class CentralEvaluator:
             self.transform,
             label_index=self.data.label_index,
         )
-        state = evaluate(self.model, dataset, self.data.num_labels, self.batch_size, self.device)
+        state = self._evaluate(dataset)
+        if self.device.type == "cuda":  # give the clients' actors the memory back
+            torch.cuda.empty_cache()
         return {f"{split}_{k}": v for k, v in state.compute().items()}
+
+    def _evaluate(self, dataset: SplitDataset) -> MetricState:
+        """Evaluate, halving the batch on CUDA out-of-memory (the GPU is shared with the
+        clients' actors, whose memory Ray does not cap); the working size is kept."""
+        while True:
+            try:
+                return evaluate(
+                    self.model, dataset, self.data.num_labels, self.batch_size, self.device
+                )
+            except torch.cuda.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                torch.cuda.empty_cache()
+                log.warning("central evaluation: out of GPU memory, batch -> %d", self.batch_size)
 
 
 class RoundTracker:

@@ -85,7 +85,7 @@ def _build_strategy(
     return privacy.wrap(strategy, context), schedule
 
 
-def _client_spec(cfg: DictConfig, data: FederatedData, privacy: Privacy, out: Path) -> ClientSpec:
+def client_spec(cfg: DictConfig, data: FederatedData, privacy: Privacy, out: Path) -> ClientSpec:
     resources = cfg.simulation.backend.client_resources
     client = cfg.client
     return ClientSpec(
@@ -101,6 +101,8 @@ def _client_spec(cfg: DictConfig, data: FederatedData, privacy: Privacy, out: Pa
             momentum=float(client.momentum),
             grad_clip=None if client.grad_clip is None else float(client.grad_clip),
             proximal_mu=float(cfg.strategy.get("proximal_mu", 0.0)),
+            precision=str(client.get("precision", "fp32")),
+            channels_last=bool(client.get("channels_last", False)),
         ),
         max_images=client.max_images,
         seed=cfg.seed,
@@ -206,7 +208,7 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     server_app = make_server_app(
         strategy, initial, plan, tracker.on_round, outcome, tracker.on_fed_eval, start_round
     )
-    client_app = make_client_app(_client_spec(cfg, data, privacy, out))
+    client_app = make_client_app(client_spec(cfg, data, privacy, out))
     backend = OmegaConf.to_container(cfg.simulation.backend, resolve=True)
     client_timeout = cfg.simulation.get("client_timeout") or cfg.simulation.round_timeout
     run_simulation(

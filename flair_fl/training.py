@@ -25,6 +25,12 @@ class LocalTraining:
     momentum: float = 0.0
     grad_clip: float | None = 10.0  # max L2 norm of each step's gradient; None disables
     proximal_mu: float = 0.0  # FedProx: adds mu/2 * ||w - w_global||^2 to the loss
+    precision: str = "fp32"  # fp32 | bf16: autocast forward/backward in bfloat16 (weights fp32)
+    channels_last: bool = False  # NHWC memory format (faster convolutions on tensor cores)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"client.precision={self.precision!r}: expected fp32 or bf16")
 
 
 def train_local(
@@ -41,19 +47,26 @@ def train_local(
     `grad_correction` (by parameter name) is added to every step's clipped gradient
     (SCAFFOLD's c - c_i).
     """
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     model.to(device).train()
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     corrections = [grad_correction[n].to(device) for n, _ in named] if grad_correction else []
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
     global_params = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
     loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator)
-    loss_sum, seen, steps = 0.0, 0, 0
-    for _ in range(settings.epochs):
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=settings.precision == "bf16")
+    loss_sum, seen, steps = torch.zeros((), device=device), 0, 0  # summed on the device: no
+    for _ in range(settings.epochs):  # host sync per step
         for images, targets in loader:
-            images, targets = images.to(device), targets.to(device)
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            targets = targets.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.binary_cross_entropy_with_logits(model(images), targets)
+            with autocast:
+                logits = model(images)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
             total = loss
             if global_params:
                 total = loss + settings.proximal_mu / 2 * sum(
@@ -65,11 +78,11 @@ def train_local(
             for p, correction in zip(params, corrections, strict=False):
                 p.grad.add_(correction)  # type: ignore[union-attr]
             optimizer.step()
-            loss_sum += loss.item() * len(images)
+            loss_sum += loss.detach() * len(images)
             seen += len(images)
             steps += 1
     return {
-        "train_loss": loss_sum / max(seen, 1),
+        "train_loss": float(loss_sum) / max(seen, 1),
         "num_examples": float(len(dataset)),  # type: ignore[arg-type]
         "num_steps": float(steps),
     }

@@ -39,7 +39,7 @@ def test_two_rounds_on_a_ray_head_with_a_per_node_data_path(
     node_copy.parent.mkdir()
     _blank_train_images(data_path, node_copy)
     short = Path(tempfile.mkdtemp(prefix="ray"))  # Ray's socket paths must stay < 108 chars
-    with local_ray_head(short, env={"FLAIR_FL_DATA": str(node_copy)}) as address:
+    with local_ray_head(short, env={"FLAIR_FL_NODE_DATA": str(node_copy)}) as address:
         if address is None:
             pytest.skip("a local Ray head could not be started here")
         summary = run_experiment(
@@ -56,11 +56,11 @@ def test_two_rounds_on_a_ray_head_with_a_per_node_data_path(
 
 def test_node_data_path_prefers_the_nodes_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = compose_config(["debug=tiny", f"data.cache_dir={CACHE_DIR}"])
-    from flair_fl.experiment import _client_spec  # the spec the run ships to clients
+    from flair_fl.experiment import client_spec  # the spec the run ships to clients
 
     data = build(cfg.data, "data")
-    spec = _client_spec(cfg, data, build(cfg.privacy, "privacy"), Path("/tmp"))
-    monkeypatch.delenv("FLAIR_FL_DATA", raising=False)
+    spec = client_spec(cfg, data, build(cfg.privacy, "privacy"), Path("/tmp"))
+    monkeypatch.delenv("FLAIR_FL_NODE_DATA", raising=False)
     assert node_data_path(spec) == str(data.hdf5_path)
-    monkeypatch.setenv("FLAIR_FL_DATA", "/data/on/this/node.hdf5")
+    monkeypatch.setenv("FLAIR_FL_NODE_DATA", "/data/on/this/node.hdf5")
     assert node_data_path(spec) == "/data/on/this/node.hdf5"

@@ -149,3 +149,31 @@ def test_user_state_store_round_trip_and_split(tmp_path) -> None:  # type: ignor
     weights, control = split_control({"w": torch.ones(1), "scaffold.c.w": torch.zeros(1)})
     assert list(weights) == ["w"] and list(control) == ["w"]
     assert not list(tmp_path.glob("scaffold/*.tmp"))
+
+
+def test_bf16_autocast_trains_close_to_fp32_with_fp32_weights() -> None:
+    data = _users(sizes=(16,))[0]
+    fp32, bf16 = _model(), _model()
+    loss32 = _train(fp32, data, epochs=3)["train_loss"]
+    loss16 = _train(bf16, data, epochs=3, precision="bf16")["train_loss"]
+    assert all(p.dtype == torch.float32 for p in bf16.parameters()), "weights stay fp32"
+    assert loss16 == pytest.approx(loss32, rel=0.05)
+    delta = _flat(trainable_state(bf16)) - _flat(trainable_state(fp32))
+    assert 0 < delta.norm() < 0.05 * _flat(trainable_state(fp32)).norm()  # bf16 did run
+
+
+def test_channels_last_gives_the_same_training_in_nhwc() -> None:
+    data = _users(sizes=(6,))[0]
+    nchw, nhwc = _model(), _model()
+    _train(nchw, data)
+    _train(nhwc, data, channels_last=True)
+    conv = next(p for p in nhwc.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(
+        _flat(trainable_state(nhwc)), _flat(trainable_state(nchw)), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_unknown_precision_names_the_key() -> None:
+    with pytest.raises(ValueError, match=r"client\.precision='fp8'"):
+        LocalTraining(precision="fp8")

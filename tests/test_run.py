@@ -6,10 +6,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import h5py
 import pytest
 import torch
+from flwr.app import ArrayRecord
 from hydra.errors import MissingConfigException
 from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
@@ -19,6 +21,7 @@ from flair_fl.data.raw import FlairFormatError
 from flair_fl.experiment import run_experiment
 from flair_fl.federated.sampling import CohortSampler
 from flair_fl.federated.server_app import is_measurement
+from flair_fl.models.params import trainable_state
 from tests.helpers import CONF_DIR, compose_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,6 +177,11 @@ def test_sampler_draws_without_replacement() -> None:
         ("client.batch_size=abc", "client.batch_size='abc': expected int"),
         ("aggregation=median", "aggregation='median'"),
         ("data.num_users=2", "data: num_users must be >= 3"),
+        ("min_replies=4", "min_replies=4: must be in [1, 3]"),
+        ("simulation.client_timeout=0", "simulation.client_timeout=0: must be in (0, inf]"),
+        ("simulation.transport=carrier-pigeon", "simulation.transport='carrier-pigeon'"),
+        ("client.faults.probability=2", "client.faults.probability=2: must be in [0, 1]"),
+        ("client.faults.kinds=[explode]", "client.faults.kinds: unknown ['explode']"),
     ],
 )
 def test_bad_config_value_names_the_key(
@@ -236,3 +244,28 @@ def test_multirun_sweep_writes_one_dir_per_job(run_overrides: list[str], tmp_pat
         OmegaConf.load(d / "config_resolved.yaml").strategy.server._target_ for d in job_dirs
     }
     assert strategies == {"flwr.serverapp.strategy.FedAvg", "flwr.serverapp.strategy.FedProx"}
+
+
+def test_central_evaluation_halves_its_batch_on_gpu_out_of_memory(
+    run_overrides: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No GPU here, so the CUDA out-of-memory error is raised by a wrapper around the real
+    evaluation for batches above 4 (a test double only for what cannot run here)."""
+    import flair_fl.driver as driver
+
+    cfg = compose_config(run_overrides)
+    data = driver.build(cfg.data, "data")
+    model = driver.make_model(cfg, data.num_labels)
+    evaluator = driver.CentralEvaluator(model, data, 64, torch.device("cpu"))
+    expected = evaluator(ArrayRecord(trainable_state(model)), "val")
+    real, batches = driver.evaluate, []
+
+    def tight_memory(*args: Any) -> Any:
+        batches.append(args[3])
+        if args[3] > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args)
+
+    monkeypatch.setattr(driver, "evaluate", tight_memory)
+    assert evaluator(ArrayRecord(trainable_state(model)), "val") == pytest.approx(expected)
+    assert batches == [64, 32, 16, 8, 4] and evaluator.batch_size == 4

@@ -68,7 +68,7 @@ class ClientSpec:
     reader_settings: dict[str, Any] = field(default_factory=dict)  # data.source.open_reader
     faults: faults.FaultSpec = field(default_factory=faults.FaultSpec)  # off unless configured
     gpu_fraction: float = 0.0  # the actor's share of its GPU (num_gpus): caps its memory
-    data_path_env: str = "FLAIR_FL_DATA"  # on a node with this variable set, read data there
+    data_path_env: str = "FLAIR_FL_NODE_DATA"  # on a node with this variable set, read data there
 
 
 class _Runtime:
@@ -115,7 +115,7 @@ class _IdleRelease:
 
 
 def node_data_path(spec: ClientSpec) -> str:
-    """The data file on this node: `$FLAIR_FL_DATA` where set (a Ray cluster whose nodes keep
+    """The data file on this node: `$FLAIR_FL_NODE_DATA` where set (a Ray cluster whose nodes keep
     the data at different paths), else the driver's path."""
     return os.environ.get(spec.data_path_env) or spec.hdf5_path
 
@@ -210,7 +210,13 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
     else:
         stats = train_local(runtime.model, dataset, settings, runtime.device, generator, correction)
     trained = time.perf_counter()
-    reply = trainable_state(runtime.model)
+    # Message transport: copies (ArrayRecord serialises them anyway). Shared transport:
+    # the parameters themselves, written straight into the reply file.
+    reply = (
+        trainable_state(runtime.model)
+        if REPLY_DIR_KEY not in config or store
+        else ({n: p.detach() for n, p in runtime.model.named_parameters() if p.requires_grad})
+    )
     if store is not None and user_control is not None:
         new_control, delta = scaffold_update(
             control, user_control, before, reply, int(stats["num_steps"]), settings.lr
@@ -218,8 +224,9 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
         store.save(user_id, new_control)
         reply.update(delta)
     if fault == "nan":
-        for tensor in reply.values():
-            tensor.fill_(float("nan"))
+        with torch.no_grad():
+            for tensor in reply.values():
+                tensor.fill_(float("nan"))
     meta: dict[str, Any] = {"user-id": user_id, "cohort-index": int(str(config["cohort-index"]))}
     content = _reply_arrays(config, reply, meta)
     content[META_KEY] = ConfigRecord(meta)

@@ -3,7 +3,7 @@
 Each round the driver samples `cohort_size` FLAIR users (seeded), maps them onto the
 supernodes (concurrency slots, not users), publishes the global weights once (transport.py)
 and sends each user's message, folds the replies into the round's reduction as they arrive
-(in cohort order, so results do not depend on arrival order), lets the Flower strategy apply
+(float64 sums, so arrival order does not show, reduce.py), lets the Flower strategy apply
 its server step to the reduced round, evaluates centrally every `eval_every` rounds, and
 reports to the loggers.
 
@@ -126,25 +126,25 @@ def exchange(
     poll_interval: float,
     handle: Callable[[int, Message | None], None],
 ) -> None:
-    """Send `messages`; call `handle(cohort index, reply)` in cohort order as replies come
-    (reply None: no reply by `timeout`). Replies arriving early wait for their turn."""
+    """Send `messages`; call `handle(cohort index, reply)` for each reply as it comes, then
+    `handle(index, None)` for each message still unanswered at `timeout`.
+
+    Replies are handled on arrival (not held back for cohort order): users' sizes vary
+    500-fold, so waiting for order would keep most of a cohort's updates in memory."""
     ids = list(grid.push_messages(messages))
     index_of = {message_id: index for index, message_id in enumerate(ids)}
-    pending, held, turn = set(ids), {}, 0
+    pending = set(ids)
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         replies = list(grid.pull_messages(pending))
         for reply in replies:
             message_id = reply.metadata.reply_to_message_id
             pending.discard(message_id)
-            held[index_of[message_id]] = reply
-        while turn in held:
-            handle(turn, held.pop(turn))
-            turn += 1
+            handle(index_of[message_id], reply)
         if not replies:
             time.sleep(poll_interval)
-    for index in range(turn, len(ids)):  # the rest, in order; missing ones timed out
-        handle(index, held.pop(index, None))
+    for message_id in sorted(pending, key=index_of.__getitem__):
+        handle(index_of[message_id], None)
 
 
 @dataclass

@@ -1,0 +1,41 @@
+"""The benchmark's smoke setting: both transports and the reference, side by side (no timing
+assertions: speed goals live in benchmarks/results, measured with scripts/bench.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flair_fl.bench.run import markdown, run_benchmark, write_report
+from flair_fl.bench.workload import Workload
+from tests.conftest import CACHE_DIR
+
+
+def test_smoke_benchmark_reports_both_paths_on_the_same_work(
+    run_overrides: list[str], tmp_path: Path
+) -> None:
+    workload = Workload(
+        cohort=3,
+        rounds=2,
+        warmup=1,
+        users=40,
+        image_size=16,
+        epochs=1,
+        cache_dir=str(CACHE_DIR),
+        supernodes=2,
+        extra_overrides=tuple(o for o in run_overrides if "simulation.backend" in o),
+    )
+    report = run_benchmark(workload, ["shared", "message"], tmp_path / "work", "pytest")
+    assert set(report["flair_fl"]) == {"shared", "message"}
+    reference = report["reference"]
+    for transport, result in report["flair_fl"].items():
+        # Same users, same images: the reference did exactly the clients' work.
+        assert result["images_per_round"] == reference["images_per_round"] > 0, transport
+        assert report["same_images_per_round"][transport]
+        assert result["round_s"] > 0 and result["client_peak_rss_mb"] > 0
+        assert result["breakdown_s"]["client compute (summed)"] > 0
+        assert report["ratio_to_reference"][transport] > 0
+    json_path, md_path = write_report(report, tmp_path / "results", "smoke")
+    table = md_path.read_text()
+    assert "ratio to reference" in table and "transport=shared" in table
+    assert json_path.is_file() and markdown(report) == table
+    assert report["machine"]["cores"] and report["machine"]["torch"]
