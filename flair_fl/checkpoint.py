@@ -10,7 +10,7 @@ write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from flair_fl.config_checks import ConfigError
+from flair_fl.durable import write_atomically
 from flair_fl.federated.strategies import Scaffold, ServerOptimizer
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -37,16 +38,12 @@ _STRATEGY_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "control", "current_arr
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save `obj` over `path`, whole or not at all (the previous file survives a full
+    disk or a kill). Serialised in memory first: torch's own writer reports a full disk as an
+    opaque RuntimeError, a plain file write as an OSError that names the file."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomically(path, buffer.getvalue())
 
 
 def strategy_state(strategy: Any) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from flair_fl.config_checks import ConfigError
 from flair_fl.data.datasets import SplitDataset, build_transform
 from flair_fl.data.raw import FlairFormatError
 from flair_fl.data.source import FederatedData
+from flair_fl.durable import write_atomically
 from flair_fl.federated.client_app import METRICS_KEY, metric_state_from_record
 from flair_fl.federated.server_app import LoopOutcome
 from flair_fl.loggers import LoggerErrors, RunLogger, start_logger
@@ -277,9 +277,7 @@ def write_results(summary: dict[str, Any], out: Path) -> None:
         },
         "wall_time_s": summary.get("wall_time_s"),
     }
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    os.replace(tmp, out / "results.json")
+    write_atomically(out / "results.json", json.dumps(results, indent=2, default=str))
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:

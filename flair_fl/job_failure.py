@@ -20,6 +20,7 @@ from pathlib import Path
 
 from flair_fl.config_checks import ConfigError
 from flair_fl.data.raw import FlairFormatError
+from flair_fl.durable import OutputWriteError
 from flair_fl.errors import TrainingDiverged
 from flair_fl.loggers import close_open_loggers
 
@@ -28,6 +29,7 @@ ERROR_FILE = "error.txt"
 USER_ERRORS = (
     ConfigError,
     FlairFormatError,
+    OutputWriteError,
     TrainingDiverged,
 )  # reported in one line, no traceback
 
@@ -50,9 +52,12 @@ def release_job_resources() -> None:
 
 def record_error(err: BaseException, job_dir: Path) -> Path:
     """Write the error and its traceback to `<job dir>/error.txt`; returns the path."""
-    job_dir.mkdir(parents=True, exist_ok=True)
     path = job_dir / ERROR_FILE
-    path.write_text("".join(traceback.format_exception(err)))
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(err)))
+    except OSError as write_err:  # a full disk must not hide the error being reported
+        print(f"flair-fl: could not write {path} ({write_err})", file=sys.stderr, flush=True)
     return path
 
 

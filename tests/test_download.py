@@ -227,6 +227,7 @@ def test_gives_up_after_the_last_attempt_and_keeps_the_part(
     assert "resume from 300 bytes" in str(err.value)
     assert server.served.requests_for(path) == [None, "bytes=100-", "bytes=200-"]
     assert (tmp_path / "small_images-03.tar.gz.part").read_bytes() == release.files[path][:300]
+    assert not (tmp_path / "small_images-03.tar.gz").exists()  # never a final-named part
 
 
 def test_missing_file_fails_without_retrying(server: LoopbackServer, tmp_path: Path) -> None:

@@ -16,8 +16,10 @@ actors and DataLoader workers.
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +33,7 @@ from flair_fl.data.labels import SPLITS, label_mapping
 from flair_fl.data.raw import FlairFormatError
 from flair_fl.data.targets import (
     LabelSet,
+    check_label_indices,
     indexed_targets,
     label_key,
     split_labels,
@@ -38,8 +41,10 @@ from flair_fl.data.targets import (
 )
 from flair_fl.data.writer import NUM_IMAGES_INDEX
 
+log = logging.getLogger(__name__)
 _HANDLES: dict[tuple[str, int], h5py.File] = {}
 
+DAMAGED = "the file is truncated or corrupted: delete it and re-create it. "
 HOW_TO_PREPARE = (
     "Create it with `python scripts/prepare_flair.py --dataset-dir DIR --output {path}` from a "
     "raw FLAIR directory (real data: `python scripts/download_flair.py --dataset-dir DIR`; "
@@ -60,7 +65,9 @@ def open_hdf5(path: str | Path) -> h5py.File:
             handle = h5py.File(path, "r")
         except OSError as err:
             raise FlairFormatError(
-                f"{path}: not a readable HDF5 file (truncated or corrupted?): {err}"
+                f"{path}: not a readable HDF5 file ({err}); "
+                + DAMAGED
+                + HOW_TO_PREPARE.format(path=path)
             ) from err
         _HANDLES[key] = handle
     return handle
@@ -174,13 +181,45 @@ class FlairHDF5:
         return len(self.label_mapping(label_set))
 
     def population(self, split: str) -> dict[str, int]:
-        """{user_id: number of images} for a split, without reading any image."""
+        """{user_id: number of images} for a split, without reading any image.
+
+        Users with no images are left out, with one warning per split and reader.
+        """
+        with self._reading(f"the index of split '{split}'"):
+            sizes = self._sizes(split)
+        empty = [user for user, n in sizes.items() if n == 0]
+        warned: set[str] = self.__dict__.setdefault("_warned_empty", set())
+        if empty and split not in warned:
+            warned.add(split)
+            log.warning(
+                "%s: %d user(s) of split '%s' have no images and are left out (e.g. %s)",
+                self.path,
+                len(empty),
+                split,
+                empty[0],
+            )
+        return {user: n for user, n in sizes.items() if n > 0} if empty else sizes
+
+    def _sizes(self, split: str) -> dict[str, int]:
         group = self._require_split(split)
         if NUM_IMAGES_INDEX in self.h5:  # parsed once per reader (every evaluation asks)
             return self._num_images_index[split]
         if self.layout == "central":
             return {u: len(ids) for u, ids in self._central_index(split).items()}
         return {user: int(group[user]["image_ids"].shape[0]) for user in group}
+
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Turn h5py's errors on a damaged file (OSError; KeyError for an object header
+        that does not parse) into a FlairFormatError naming the file and the fix."""
+        try:
+            yield
+        except (OSError, KeyError) as err:
+            raise FlairFormatError(
+                f"{self.path}: {what} cannot be read ({err}); "
+                + DAMAGED
+                + HOW_TO_PREPARE.format(path=self.path)
+            ) from err
 
     @cached_property
     def _num_images_index(self) -> dict[str, dict[str, int]]:
@@ -206,24 +245,33 @@ class FlairHDF5:
         max_images: int | None = None,
     ) -> UserData:
         """A user's first `max_images` images and their multi-hot targets."""
-        n_total = self._user_size(split, user_id)
-        n = n_total if max_images is None else min(max_images, n_total)
-        if n == 0:
-            raise FlairFormatError(f"{self.path}: user {user_id} in '{split}' has no images")
-        return self._read(split, user_id, np.arange(n), label_set)
+        with self._reading(f"user {user_id} of split '{split}'"):
+            n_total = self._user_size(split, user_id)
+            n = n_total if max_images is None else min(max_images, n_total)
+            if n == 0:
+                raise FlairFormatError(
+                    f"{self.path}: user {user_id} of split '{split}' has no images"
+                )
+            return self._read(split, user_id, np.arange(n), label_set)
 
     def read_images(
         self, split: str, user_id: str, indices: Sequence[int], label_set: LabelSet = "coarse"
     ) -> UserData:
         """Some images of a user (indices increasing and distinct), reading no other image."""
         index = np.asarray(indices, dtype=np.int64)
-        n_total = self._user_size(split, user_id)
-        if index.size == 0 or index[0] < 0 or index[-1] >= n_total or np.any(np.diff(index) <= 0):
-            raise ValueError(
-                f"{self.path}: user {user_id}: indices must be increasing, distinct and in "
-                f"[0, {n_total}), got {index.tolist()[:10]}"
-            )
-        return self._read(split, user_id, index, label_set)
+        with self._reading(f"user {user_id} of split '{split}'"):
+            n_total = self._user_size(split, user_id)
+            if (
+                index.size == 0
+                or index[0] < 0
+                or index[-1] >= n_total
+                or np.any(np.diff(index) <= 0)
+            ):
+                raise ValueError(
+                    f"{self.path}: user {user_id}: indices must be increasing, distinct and "
+                    f"in [0, {n_total}), got {index.tolist()[:10]}"
+                )
+            return self._read(split, user_id, index, label_set)
 
     def _user_size(self, split: str, user_id: str) -> int:
         if self.layout == "central":
@@ -231,10 +279,20 @@ class FlairHDF5:
         return int(self._user_group(split, user_id)["images"].shape[0])
 
     def _user_group(self, split: str, user_id: str) -> h5py.Group:
+        """A per-user group whose per-image members all have one length per image."""
         group = self._require_split(split)
         if user_id not in group:
             raise FlairFormatError(f"{self.path}: no user {user_id!r} in split '{split}'")
-        return group[user_id]
+        user = group[user_id]
+        n_images = int(user["images"].shape[0])
+        per_image = ("image_ids", "labels", "fine_grained_labels")  # the last two: mlflair
+        for name in (m for m in per_image if m in user):
+            if user[name].shape[0] != n_images:
+                raise FlairFormatError(
+                    f"{self.path}: split '{split}', user {user_id}: {n_images} images but "
+                    f"{user[name].shape[0]} entries in '{name}' (they must match)"
+                )
+        return user
 
     def _central_ids(self, split: str, user_id: str) -> list[str]:
         ids = self._central_index(split).get(user_id)
@@ -245,12 +303,13 @@ class FlairHDF5:
     def _read(self, split: str, user_id: str, index: np.ndarray, label_set: LabelSet) -> UserData:
         """Images `index` (increasing) of a user, with their targets."""
         mapping = self.label_mapping(label_set)
+        where = f"{self.path}: split '{split}', user {user_id}"
         if self.layout == "central":
             group = self._require_split(split)
             ids = [self._central_ids(split, user_id)[i] for i in index]
             images = np.stack([group[i]["image"][()] for i in ids])
             strings = [group[i][label_key(label_set)][()] for i in ids]
-            return UserData(images, targets_from_strings(strings, mapping, self.path, user_id))
+            return UserData(images, targets_from_strings(strings, mapping, where))
         user = self._user_group(split, user_id)
         # A contiguous prefix reads as one slice; h5py's point selection is slower.
         contiguous = index.size and index[-1] - index[0] + 1 == index.size
@@ -264,15 +323,14 @@ class FlairHDF5:
                 index,
                 int(user["images"].shape[0]),
                 len(mapping),
-                f"{self.path}: user {user_id}: {key}_row/_col",
+                f"{where}: {key}_row/_col",
             )
         else:
             strings = list(user[label_key(label_set)][selection])
-            targets = targets_from_strings(strings, mapping, self.path, user_id)
+            targets = targets_from_strings(strings, mapping, where)
         if len(targets) != len(images):
             raise FlairFormatError(
-                f"{self.path}: user {user_id}: {len(images)} images but "
-                f"{len(targets)} label entries"
+                f"{where}: {len(images)} images but {len(targets)} label entries"
             )
         return UserData(images, targets)
 
@@ -299,38 +357,40 @@ class FlairHDF5:
         self, split: str, user_id: str, label_set: LabelSet = "coarse"
     ) -> list[tuple[str, ...]]:
         """A user's label names per image, in image order, without reading any image."""
-        group = self._require_split(split)
+        with self._reading(f"the labels of user {user_id} of split '{split}'"):
+            return self._labels(split, user_id, label_set)
+
+    def _labels(self, split: str, user_id: str, label_set: LabelSet) -> list[tuple[str, ...]]:
         key = label_key(label_set)
         if self.layout == "central":
-            ids = self._central_index(split).get(user_id)
-            if ids is None:
-                raise FlairFormatError(f"{self.path}: no user {user_id!r} in split '{split}'")
-            return [split_labels(group[i][key][()]) for i in ids]
-        if user_id not in group:
-            raise FlairFormatError(f"{self.path}: no user {user_id!r} in split '{split}'")
-        user = group[user_id]
+            group = self._require_split(split)
+            return [split_labels(group[i][key][()]) for i in self._central_ids(split, user_id)]
+        user = self._user_group(split, user_id)
         if self.layout == "mlflair":
             return [split_labels(joined) for joined in user[key][()]]
-        n_images = int(user["image_ids"].shape[0])
+        rows, cols = user[f"{key}_row"][()], user[f"{key}_col"][()]
         names = self._label_names[label_set]
-        per_image: list[list[str]] = [[] for _ in range(n_images)]
-        try:
-            for row, col in zip(user[f"{key}_row"][()], user[f"{key}_col"][()], strict=True):
-                per_image[int(row)].append(names[int(col)])
-        except (ValueError, IndexError, KeyError) as err:
-            raise FlairFormatError(
-                f"{self.path}: user {user_id}: malformed {key}_row/_col ({err!r})"
-            ) from err
+        check_label_indices(
+            rows,
+            cols,
+            int(user["images"].shape[0]),
+            len(names),
+            f"{self.path}: split '{split}', user {user_id}: {key}_row/_col",
+        )
+        per_image: list[list[str]] = [[] for _ in range(int(user["images"].shape[0]))]
+        for row, col in zip(rows, cols, strict=True):
+            per_image[int(row)].append(names[int(col)])
         return [tuple(labels) for labels in per_image]
 
     def read_image(self, split: str, user_id: str, index: int) -> np.ndarray:
         """One image (uint8 H x W x 3): the `index`-th of a user, reading no other image."""
-        if self.layout == "central":
-            group = self._require_split(split)
-            return np.asarray(group[self._central_ids(split, user_id)[index]]["image"][()])
-        user = self._user_group(split, user_id)
-        n_images = int(user["images"].shape[0])
-        if not -n_images <= index < n_images:
-            raise IndexError(f"{self.path}: user {user_id} has {n_images} images, no [{index}]")
-        position = np.array([index % n_images])
-        return self._pixels(user, position, f"/{split}/{user_id}/images", position)[0]
+        with self._reading(f"image {index} of user {user_id} of split '{split}'"):
+            if self.layout == "central":
+                group = self._require_split(split)
+                return np.asarray(group[self._central_ids(split, user_id)[index]]["image"][()])
+            user = self._user_group(split, user_id)
+            n_images = int(user["images"].shape[0])
+            if not -n_images <= index < n_images:
+                raise IndexError(f"{self.path}: user {user_id} has {n_images} images, no [{index}]")
+            position = np.array([index % n_images])
+            return self._pixels(user, position, f"/{split}/{user_id}/images", position)[0]

@@ -58,6 +58,13 @@ def prepare_flair(
     `store="jpeg"` keeps each image's original JPEG bytes instead of decoded pixels (every
     image is still decoded once, to reject damaged files now rather than in training).
     `workers` > 1 decodes in that many threads (the JPEG decoder releases the GIL).
+
+    A missing, truncated or otherwise undecodable image stops preparation with a
+    FlairFormatError naming the image's file and image_id; there is deliberately no
+    skip-and-count option, since a silently smaller dataset would change FLAIR's published
+    user and image counts (re-download the file instead). The output is written as
+    `<output>.partial` and renamed only when complete, so a failure leaves no file under the
+    output name (an earlier, complete output there is kept).
     """
     check_layout_and_store(layout, store)
     raw = load_raw_flair(dataset_dir)

@@ -1,13 +1,20 @@
-"""Per-round metrics as JSON lines and CSV, flushed to disk every round."""
+"""Per-round metrics as JSON lines and CSV, fsynced to disk every round.
+
+Every write goes through flair_fl.durable: a round's line is appended and fsynced (a failed
+append, say on a full disk, is truncated away so earlier lines stay parseable, and the error
+names the file); rewrites (wider CSV header, resume, summary) replace the file atomically.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from flair_fl.durable import append_durably, write_atomically
 
 
 def _clean(value: Any) -> Any:
@@ -34,18 +41,14 @@ class FileLogger:
 
     def log_round(self, server_round: int, metrics: dict[str, Any]) -> None:
         row = {"round": server_round, **{k: _clean(v) for k, v in metrics.items()}}
+        append_durably(self.jsonl_path, json.dumps(row) + "\n")
         self.rows.append(row)
-        with self.jsonl_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
         new = [k for k in row if k not in self.columns]
         if new or len(self.rows) == 1:
             self.columns += new
             self._rewrite_csv()
         else:
-            with self.csv_path.open("a", newline="") as f:
-                csv.DictWriter(f, self.columns).writerow(row)
+            append_durably(self.csv_path, self._csv_text([row], header=False))
 
     def resume_from(self, last_round: int) -> None:
         """A resumed run: keep the rows up to `last_round` (later ones, logged after the
@@ -56,23 +59,23 @@ class FileLogger:
         self.rows = [r for r in rows if r["round"] <= last_round]
         for row in self.rows:
             self.columns += [k for k in row if k not in self.columns]
-        tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        os.replace(tmp, self.jsonl_path)
+        write_atomically(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self._rewrite_csv()
 
-    def _rewrite_csv(self) -> None:
-        tmp = self.csv_path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns)
+    def _csv_text(self, rows: list[dict[str, Any]], header: bool) -> str:
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, self.columns)
+        if header:
             writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.csv_path)
+        writer.writerows(rows)
+        return text.getvalue()
+
+    def _rewrite_csv(self) -> None:
+        write_atomically(self.csv_path, self._csv_text(self.rows, header=True))
 
     def log_summary(self, summary: dict[str, Any]) -> None:
-        tmp = self.summary_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2))
-        os.replace(tmp, self.summary_path)
+        clean = {k: _clean(v) for k, v in summary.items()}
+        write_atomically(self.summary_path, json.dumps(clean, indent=2))
 
     def close(self) -> None:
         pass

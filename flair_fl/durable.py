@@ -1,0 +1,68 @@
+"""Output files that survive a full disk or a kill: whole-or-nothing writes, undoable appends.
+
+- `write_atomically`: the new content goes to a temporary file in the same directory, is
+  fsynced and renamed over the old file, so the old content stays until the new one is whole.
+- `append_durably`: one append, fsynced; if it fails half-way, the file is truncated back to
+  its previous size, so earlier lines stay intact and parseable.
+
+Both raise `OutputWriteError`, which names the file and says when the disk is full.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+
+# Out of space, over a quota, or over the file size limit (RLIMIT_FSIZE): "the disk is full".
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class OutputWriteError(OSError):
+    """An output file could not be written; its previous content is kept."""
+
+
+def write_error(path: Path, err: OSError) -> OutputWriteError:
+    """An `OutputWriteError` for a failed write of `path`, saying why in words."""
+    reason = err.strerror or str(err)
+    if err.errno in _NO_SPACE:
+        reason = f"the disk is full ({reason}); free some space and run again"
+    return OutputWriteError(
+        err.errno, f"{path}: could not be written: {reason}. Its previous content is kept."
+    )
+
+
+def write_atomically(path: Path, data: bytes | str) -> None:
+    """Replace `path` with `data` (str: UTF-8): temporary file, fsync, rename."""
+    payload = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise write_error(path, err) from err
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def append_durably(path: Path, data: bytes | str) -> None:
+    """Append `data` (str: UTF-8) to `path` and fsync; on failure, undo the partial append."""
+    payload = memoryview(data.encode() if isinstance(data, str) else data)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while payload:  # os.write may write part of it (the last bytes before the limit)
+                payload = payload[os.write(fd, payload) :]
+            os.fsync(fd)
+        except OSError as err:
+            with contextlib.suppress(OSError):  # shrinking a file needs no space
+                os.ftruncate(fd, size)
+            raise write_error(path, err) from err
+    finally:
+        os.close(fd)

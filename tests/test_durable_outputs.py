@@ -1,0 +1,153 @@
+"""A full disk while writing outputs leaves the previous files intact and says so.
+
+The disk is "filled" for real, with no mock: each scenario runs in a child process whose
+file size limit (`resource.setrlimit(RLIMIT_FSIZE, ...)`) is set just above what the files
+hold, with SIGXFSZ ignored, so the kernel fails the write that would grow a file past it
+with OSError(EFBIG), exactly where a full disk fails with ENOSPC. The child prints the error
+and exits without closing anything (as a killed run would); the test then reads what is on
+disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+LIMIT = '''
+import resource, signal
+
+def limit_file_size(extra: int) -> None:
+    """Files may grow at most `extra` bytes past the largest file in `out`."""
+    largest = max(p.stat().st_size for p in out.iterdir())
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (largest + extra, largest + extra))
+'''
+
+
+def run_child(out: Path, body: str) -> str:
+    """Run `body` in a fresh interpreter (with `out` and `limit_file_size`); its stdout."""
+    script = f"from pathlib import Path\nout = Path({str(out)!r})\n{LIMIT}\n{textwrap.dedent(body)}"
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_metrics_append_on_a_full_disk_keeps_earlier_lines(tmp_path: Path) -> None:
+    # Prepare: two rounds logged, then the disk fills; the third round's line is long
+    body = """
+    import os
+    from flair_fl.loggers.files import FileLogger
+
+    logger = FileLogger(out)
+    logger.log_round(1, {"loss": 0.5, "acc": 0.25})
+    logger.log_round(2, {"loss": 0.4, "acc": 0.5})
+    limit_file_size(extra=10)
+    try:
+        logger.log_round(3, {"loss": 0.3, "acc": 0.75, "note": "x" * 200})
+    except OSError as err:
+        print(err, flush=True)
+    os._exit(0)  # no close, no flush at exit: only what each round wrote is on disk
+    """
+
+    # Execute
+    message = run_child(tmp_path, body)
+
+    # Assert: the error names the file, earlier lines parse, the partial line is gone
+    assert str(tmp_path / "metrics.jsonl") in message and "the disk is full" in message
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2]
+    with (tmp_path / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["round"] for row in rows] == ["1", "2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "metrics.jsonl"]
+
+
+def test_csv_append_on_a_full_disk_keeps_earlier_rows(tmp_path: Path) -> None:
+    # Prepare: many declared columns make the CSV (long header, rows of commas) the largest
+    # file, so its append is the one that hits the limit while the JSONL line still fits
+    body = """
+    import os
+    from flair_fl.loggers.files import FileLogger
+
+    logger = FileLogger(out, columns=[f"metric_{i:02d}_with_a_long_name" for i in range(30)])
+    logger.log_round(1, {"metric_00_with_a_long_name": 0.5})
+    logger.log_round(2, {"metric_00_with_a_long_name": 0.4})
+    limit_file_size(extra=5)
+    try:
+        logger.log_round(3, {"metric_00_with_a_long_name": 0.3})
+    except OSError as err:
+        print(err, flush=True)
+    os._exit(0)
+    """
+
+    # Execute
+    message = run_child(tmp_path, body)
+
+    # Assert: the CSV keeps its header and two whole rows
+    assert str(tmp_path / "metrics.csv") in message and "the disk is full" in message
+    with (tmp_path / "metrics.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["metric_00_with_a_long_name"] for row in rows] == ["0.5", "0.4"]
+    assert all(len(row) == 31 and None not in row for row in rows)
+
+
+def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path: Path) -> None:
+    # Prepare: a small checkpoint exists; the next one is 400 kB, past the limit
+    body = """
+    import torch
+    from flair_fl.checkpoint import atomic_save
+
+    atomic_save({"round": 1, "w": torch.ones(10)}, out / "checkpoint.pt")
+    limit_file_size(extra=100_000)
+    try:
+        atomic_save({"round": 2, "w": torch.zeros(100_000)}, out / "checkpoint.pt")
+    except OSError as err:
+        print(err, flush=True)
+    """
+
+    # Execute
+    message = run_child(tmp_path, body)
+
+    # Assert: the old checkpoint loads unchanged and no temporary file is left
+    assert str(tmp_path / "checkpoint.pt") in message and "the disk is full" in message
+    saved = torch.load(tmp_path / "checkpoint.pt")
+    assert saved["round"] == 1 and torch.equal(saved["w"], torch.ones(10))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_results_on_a_full_disk_keep_the_previous_file(tmp_path: Path) -> None:
+    # Prepare: results.json of an earlier write; the new one is far larger than the limit
+    body = """
+    from flair_fl.driver import write_results
+
+    write_results({"rounds": 1, "final_val_macro_ap": 0.5}, out)
+    limit_file_size(extra=50)
+    try:
+        write_results({"rounds": 2, **{f"final_x{i}": 0.1 for i in range(100)}}, out)
+    except OSError as err:
+        print(err, flush=True)
+    """
+
+    # Execute
+    message = run_child(tmp_path, body)
+
+    # Assert
+    assert str(tmp_path / "results.json") in message and "the disk is full" in message
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["rounds"] == 1 and results["final"] == {"val_macro_ap": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
