@@ -178,7 +178,7 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
     started = time.perf_counter()
     control = _load_global(runtime, msg)
     loaded = time.perf_counter()
-    before = trainable_state(runtime.model)
+    before = trainable_state(runtime.model) if control else {}  # SCAFFOLD only
     dataset = UserDataset.from_file(
         runtime.reader,
         "train",
@@ -214,7 +214,7 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
     # the parameters themselves, written straight into the reply file.
     reply = (
         trainable_state(runtime.model)
-        if REPLY_DIR_KEY not in config or store
+        if REPLY_DIR_KEY not in config or store is not None
         else ({n: p.detach() for n, p in runtime.model.named_parameters() if p.requires_grad})
     )
     if store is not None and user_control is not None:
