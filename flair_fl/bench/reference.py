@@ -25,10 +25,11 @@ from flair_fl.federated.sampling import CohortSampler, derive_seed
 from flair_fl.training import train_local
 
 
-def run_reference(cfg: DictConfig, workdir: Path) -> list[dict[str, Any]]:
+def run_reference(cfg: DictConfig, workdir: Path, threads: int = 1) -> list[dict[str, Any]]:
     """Per-round timings of the reference on the run config's workload."""
     from flair_fl.experiment import client_spec  # the exact spec flair-fl's clients get
 
+    torch.set_num_threads(threads)
     data: FederatedData = build(cfg.data, "data")
     spec = client_spec(cfg, data, build(cfg.privacy, "privacy"), workdir)
     device = device_for(cfg.device)

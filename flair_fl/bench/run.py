@@ -110,7 +110,7 @@ def run_benchmark(
         result = run_flair(workload, transport, out / f"flair-{transport}")
         report["flair_fl"][transport] = summarize(workload, result)
     cfg = workload.config(transports[0])
-    reference_rows = run_reference(cfg, out / "reference")
+    reference_rows = run_reference(cfg, out / "reference", workload.reference_threads)
     reference = summarize(workload, {"rows": reference_rows})
     reference["driver_peak_rss_mb"] = reference_rows[-1]["peak_rss_mb"]
     reference["peak_gpu_mem_mb"] = reference_rows[-1]["gpu_mem_mb"]
@@ -137,7 +137,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"local epochs, batch {w['batch_size']}, {w['users']} synthetic users (FLAIR's per-user "
         f"sizes, at most {w['max_images']} images), {w['rounds']} rounds (medians after "
         f"{w['warmup']} warm-up), device {w['device']}, per client {w['num_cpus']} CPU / "
-        f"{w['num_gpus']} GPU, {w['precision']}",
+        f"{w['num_gpus']} GPU, {w['precision']}; reference: 1 process, "
+        f"{w['reference_threads']} torch thread(s)",
         "",
         f"Command: `{report['command']}`",
         "",

@@ -37,6 +37,9 @@ class Workload:
     lr: float = 0.01
     seed: int = 0
     cache_dir: str = ".cache/flair_fl"
+    # torch threads of the reference: 1 = one client's CPU share (a torch pool larger than
+    # the free cores spins and runs many times slower when other processes share them)
+    reference_threads: int = 1
     extra_overrides: tuple[str, ...] = ()  # more Hydra overrides (e.g. a Ray head's address)
 
     def overrides(self, transport: str) -> list[str]:
