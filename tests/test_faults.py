@@ -103,17 +103,17 @@ def test_each_fault_kind_is_counted_and_the_run_goes_on(
         "cohort_size=4",
         "client.faults.probability=0.4",
         f"client.faults.kinds=[{kind}]",
-        "client.faults.hang_s=300",
+        "client.faults.hang_s=900",
     ]
     if kind == "hang":  # elsewhere the default (round_timeout): a loaded machine is no hang
-        overrides += ["simulation.client_timeout=8", "simulation.actor_start_timeout=60"]
+        overrides += ["simulation.client_timeout=6", "simulation.actor_start_timeout=30"]
     expected = _expected(overrides)
     assert sum(e[kind] for e in expected) > 0, "the seed must make this test exercise the fault"
     assert any(0 < e[kind] < 4 for e in expected), "and leave some rounds with replies"
     started = time.monotonic()
     rows, summary = _run(overrides, tmp_path / kind)
     _check_counts(rows, expected, cohort=4)
-    assert time.monotonic() - started < 300, "a hung client is never waited for"
+    assert time.monotonic() - started < 600, "a hung client (900 s) is never waited for"
     assert summary["rounds"] == 4
     assert np.isfinite(summary["final_val_loss"])
     # The pool recovered: the last round had every healthy client's reply.
