@@ -36,7 +36,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        if str(f.type).startswith("tuple[int"):
+            parser.add_argument(flag, type=int, nargs="+", default=f.default)
+        elif f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", default=f.default)
         else:
             kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
@@ -52,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     values = {
         f.name: getattr(args, f.name) for f in fields(Workload) if f.name != "extra_overrides"
     }
+    values["reference_threads"] = tuple(values["reference_threads"])
     workload = Workload(**values, extra_overrides=tuple(args.overrides))
     transports = ["shared", "message"] if args.transport == "both" else [args.transport]
     with tempfile.TemporaryDirectory(prefix="flair-bench-") as work:

@@ -3,6 +3,7 @@ assertions: speed goals live in benchmarks/results, measured with scripts/bench.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from flair_fl.bench.run import markdown, run_benchmark, write_report
@@ -22,11 +23,22 @@ def test_smoke_benchmark_reports_both_paths_on_the_same_work(
         epochs=1,
         cache_dir=str(CACHE_DIR),
         supernodes=2,
+        reference_threads=(1, 2),
         extra_overrides=tuple(o for o in run_overrides if "simulation.backend" in o),
     )
     report = run_benchmark(workload, ["shared", "message"], tmp_path / "work", "pytest")
     assert set(report["flair_fl"]) == {"shared", "message"}
     reference = report["reference"]
+    # The lower bound is the fastest thread count, each measured in a process of its own
+    # (so neither the flair-fl driver's memory nor its torch threads leak into it).
+    assert set(report["references"]) == {"1", "2"}
+    fastest = min(r["round_s"] for r in report["references"].values())
+    assert reference["round_s"] == fastest
+    for threads, r in report["references"].items():
+        assert r["images_per_round"] == reference["images_per_round"]
+        assert r["threads"] == int(threads) and r["pid"] != os.getpid()
+        assert r["driver_peak_rss_mb"] > 0
+    assert len({r["pid"] for r in report["references"].values()}) == 2
     for transport, result in report["flair_fl"].items():
         # Same users, same images: the reference did exactly the clients' work.
         assert result["images_per_round"] == reference["images_per_round"] > 0, transport
@@ -37,5 +49,6 @@ def test_smoke_benchmark_reports_both_paths_on_the_same_work(
     json_path, md_path = write_report(report, tmp_path / "results", "smoke")
     table = md_path.read_text()
     assert "ratio to reference" in table and "transport=shared" in table
+    assert "1 process, 1 thread)" in table and "1 process, 2 threads)" in table
     assert json_path.is_file() and markdown(report) == table
     assert report["machine"]["cores"] and report["machine"]["torch"]

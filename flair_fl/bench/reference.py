@@ -8,6 +8,7 @@ images; only the orchestration differs: no Flower, no Ray, no processes, no tran
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from pathlib import Path
@@ -81,5 +82,7 @@ def run_reference(cfg: DictConfig, workdir: Path, threads: int = 1) -> list[dict
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
     for row in rows:
-        row.update(peak_rss_mb=peak, gpu_mem_mb=gpu)
+        row.update(
+            peak_rss_mb=peak, gpu_mem_mb=gpu, pid=os.getpid(), threads=torch.get_num_threads()
+        )
     return rows

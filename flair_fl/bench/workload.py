@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +38,15 @@ class Workload:
     lr: float = 0.01
     seed: int = 0
     cache_dir: str = ".cache/flair_fl"
-    # torch threads of the reference: 1 = one client's CPU share (a torch pool larger than
-    # the free cores spins and runs many times slower when other processes share them)
-    reference_threads: int = 1
+    # torch thread counts to run the reference with; the fastest is the lower bound the
+    # ratio is taken against. Empty: 1 and every core (flair-fl's actors use them all).
+    reference_threads: tuple[int, ...] = ()
     extra_overrides: tuple[str, ...] = ()  # more Hydra overrides (e.g. a Ray head's address)
+
+    def thread_counts(self) -> list[int]:
+        """The reference's torch thread counts (default: 1 and all cores)."""
+        counts = self.reference_threads or (1, os.cpu_count() or 1)
+        return sorted(set(counts))
 
     def overrides(self, transport: str) -> list[str]:
         """Hydra overrides of the flair-fl run doing this workload."""
