@@ -31,6 +31,7 @@ from flair_fl.driver import (
     device_for,
     make_model,
 )
+from flair_fl.durable import write_atomically
 from flair_fl.federated.sampling import derive_seed
 from flair_fl.federated.server_app import LoopOutcome
 from flair_fl.models.params import trainable_state
@@ -99,7 +100,7 @@ def run_central(
         )
     data: FederatedData = build(cfg.data, "data")
     data.require_splits("train", "val", *(["test"] if cfg.eval.test_at_end else []))
-    (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_atomically(out / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(derive_seed(cfg.seed, "model-init"))
     model = make_model(cfg, data.num_labels)
     device = device_for(cfg.device)

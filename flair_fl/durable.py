@@ -33,9 +33,30 @@ def write_error(path: Path, err: OSError) -> OutputWriteError:
     )
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary files of `path` left by writers that were killed mid-write."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
 def write_atomically(path: Path, data: bytes | str) -> None:
-    """Replace `path` with `data` (str: UTF-8): temporary file, fsync, rename."""
+    """Replace `path` with `data` (str: UTF-8): temporary file, fsync, rename. Temporaries a
+    killed writer left behind (a checkpoint's can be large) are removed first."""
     payload = data.encode() if isinstance(data, str) else data
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("wb") as f:

@@ -35,6 +35,7 @@ from flair_fl.driver import (
     device_for,
     make_model,
 )
+from flair_fl.durable import write_atomically
 from flair_fl.errors import TrainingDiverged
 from flair_fl.federated.client_app import (
     EXAMPLES_WEIGHT_KEY,
@@ -148,7 +149,7 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     data.require_splits("train", "val", *(["test"] if cfg.eval.test_at_end else []))
     train_users = list(data.reader.population("train"))
     validate_run_config(cfg, num_train_users=len(train_users))
-    (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_atomically(out / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.aggregation not in WEIGHT_KEYS:
         raise ConfigError(
             f"aggregation={cfg.aggregation!r}: expected one of {', '.join(WEIGHT_KEYS)}"
@@ -289,6 +290,6 @@ def _round_plan(
 
 def _report_privacy(privacy: Privacy, out: Path) -> None:
     settings = privacy.describe()
-    (out / "privacy.json").write_text(json.dumps(settings, indent=2))
+    write_atomically(out / "privacy.json", json.dumps(settings, indent=2))
     if settings.get("mechanism", "none") != "none":
         print("flair-fl privacy: " + ", ".join(f"{k}={v}" for k, v in settings.items()), flush=True)

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from flair_fl.durable import write_atomically
+
 DEFAULT_METRICS = (
     "best_val_macro_ap",
     "best_test_macro_ap",
@@ -220,5 +222,5 @@ def write_outputs(table: SweepTable, out_dir: Path, digits: int = 4) -> list[Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / CSV_NAME, out_dir / MARKDOWN_NAME
     write_csv(table, csv_path)
-    md_path.write_text(format_markdown(table, digits))
+    write_atomically(md_path, format_markdown(table, digits))
     return [csv_path, md_path]

@@ -151,3 +151,37 @@ def test_results_on_a_full_disk_keep_the_previous_file(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["rounds"] == 1 and results["final"] == {"val_macro_ap": 0.5}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_a_writer_killed_mid_write_leaves_no_temporary_behind_for_long(tmp_path: Path) -> None:
+    # Prepare: a real process starts a checkpoint write and is SIGKILLed before its rename;
+    # a live process's temporary (a concurrent writer) must not be touched
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal, sys\n"
+            f"path = {str(tmp_path)!r} + f'/.checkpoint.pt.{{os.getpid()}}.tmp'\n"
+            "open(path, 'wb').write(b'half a checkpoint')\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n",
+        ],
+        timeout=60,
+    )
+    assert killed.returncode == -9
+    stale = next(tmp_path.glob(".checkpoint.pt.*.tmp"))
+    live = subprocess.Popen(["sleep", "60"])
+    busy = tmp_path / f".checkpoint.pt.{live.pid}.tmp"
+    busy.write_bytes(b"being written")
+    try:
+        # Execute: the next checkpoint write
+        from flair_fl.checkpoint import atomic_save
+
+        atomic_save({"round": 2}, tmp_path / "checkpoint.pt")
+
+        # Assert: the dead writer's temporary is gone, the live one's kept, the new file whole
+        assert not stale.exists()
+        assert busy.read_bytes() == b"being written"
+        assert torch.load(tmp_path / "checkpoint.pt")["round"] == 2
+    finally:
+        live.kill()
+        live.wait()
