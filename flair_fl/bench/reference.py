@@ -9,7 +9,6 @@ images; only the orchestration differs: no Flower, no Ray, no processes, no tran
 from __future__ import annotations
 
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from flair_fl.data.datasets import UserDataset, build_transform
 from flair_fl.data.source import FederatedData, open_reader
 from flair_fl.driver import build, device_for
 from flair_fl.federated.sampling import CohortSampler, derive_seed
+from flair_fl.memory import peak_rss_mb
 from flair_fl.training import train_local
 
 
@@ -79,7 +79,7 @@ def run_reference(cfg: DictConfig, workdir: Path, threads: int = 1) -> list[dict
                 "finite": bool(all(np.isfinite(g.cpu().numpy()).all() for g in global_params)),
             }
         )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
     for row in rows:
         row.update(

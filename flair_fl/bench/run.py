@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from flair_fl.bench.reference import run_reference
 from flair_fl.bench.workload import Workload
+from flair_fl.memory import reset_peak_rss
 
 # Per-round keys of a flair-fl run (server_app.run_rounds) and what the report calls them.
 BREAKDOWN = {
@@ -66,6 +67,7 @@ def run_flair(workload: Workload, transport: str, out: Path) -> dict[str, Any]:
     """One flair-fl run of the workload; per-round rows and a summary."""
     from flair_fl.experiment import run_experiment
 
+    reset_peak_rss()  # the driver's peak is this run's, not an earlier one's in this process
     started = time.perf_counter()
     summary = run_experiment(workload.config(transport), out)
     wall = time.perf_counter() - started

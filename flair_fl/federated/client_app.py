@@ -7,7 +7,6 @@ the model and transforms live in the actor process, created lazily and kept betw
 from __future__ import annotations
 
 import os
-import resource
 import threading
 import time
 import uuid
@@ -37,6 +36,7 @@ from flair_fl.federated.transport import (
     write_flat,
 )
 from flair_fl.federated.user_state import UserStateStore, scaffold_update, split_control
+from flair_fl.memory import peak_rss_mb
 from flair_fl.metrics import MetricState
 from flair_fl.models.params import load_trainable, trainable_state
 from flair_fl.training import LocalTraining, evaluate, train_local
@@ -159,7 +159,7 @@ def _reply_arrays(
 
 
 def _resource_metrics(runtime: _Runtime) -> dict[str, float]:
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak_rss = peak_rss_mb()
     gpu = 0.0
     if runtime.device.type == "cuda":
         gpu = torch.cuda.max_memory_allocated(runtime.device) / 2**20

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from flair_fl.federated.client_app import ARRAYS_KEY, CONFIG_KEY, META_KEY, METR
 from flair_fl.federated.reduce import MeanReduction, MetricsReduction, Reduction
 from flair_fl.federated.sampling import CohortSampler
 from flair_fl.federated.transport import MessageTransport
+from flair_fl.memory import peak_rss_mb
 
 log = logging.getLogger(__name__)
 RoundHook = Callable[[int, ArrayRecord, dict[str, Any]], bool | None]
@@ -302,7 +302,7 @@ def run_rounds(
             "client_reply_s": summary.get("time-reply", 0.0),
             "client_rss_mb": summary.get("peak-rss-mb", float("nan")),
             "client_gpu_mem_mb": summary.get("gpu-mem-mb", float("nan")),
-            "driver_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "driver_rss_mb": peak_rss_mb(),
         }
         if (
             on_fed_eval
