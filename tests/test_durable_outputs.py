@@ -17,6 +17,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,3 +186,35 @@ def test_a_writer_killed_mid_write_leaves_no_temporary_behind_for_long(tmp_path:
     finally:
         live.kill()
         live.wait()
+
+
+def test_resume_drops_a_torn_last_metrics_line(tmp_path: Path) -> None:
+    # Prepare: rounds 1-2 whole, round 3's line cut where a kill mid-append would cut it
+    from flair_fl.loggers.files import FileLogger
+    from flair_fl.loggers.plots import PlotLogger
+
+    lines = [json.dumps({"round": r, "train_loss": 1.0 / r}) for r in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:9])
+
+    # Execute: resume after the round-2 checkpoint and log round 3 again
+    files, plots = FileLogger(tmp_path), PlotLogger(tmp_path)
+    for logger in (files, plots):
+        logger.resume_from(2)
+        logger.log_round(3, {"train_loss": 0.25})
+
+    # Assert: every line parses, rounds 1-3 once each
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3] and rows[2]["train_loss"] == 0.25
+    assert sorted(plots.rows) == [1, 2, 3]
+    with (tmp_path / "metrics.csv").open() as f:
+        assert [row["round"] for row in csv.DictReader(f)] == ["1", "2", "3"]
+
+
+def test_resume_refuses_metrics_damaged_before_the_last_line(tmp_path: Path) -> None:
+    from flair_fl.loggers.files import FileLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 1}\n{"rou\n{"round": 3}\n')
+
+    with pytest.raises(ValueError, match=rf"{path}: line 2 is not valid JSON"):
+        FileLogger(tmp_path).resume_from(3)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from flair_fl.durable import append_durably, write_atomically
+
+logger = logging.getLogger(__name__)
 
 
 def _clean(value: Any) -> Any:
@@ -53,9 +56,7 @@ class FileLogger:
     def resume_from(self, last_round: int) -> None:
         """A resumed run: keep the rows up to `last_round` (later ones, logged after the
         checkpoint and before the interruption, are recomputed identically) and append."""
-        rows = []
-        if self.jsonl_path.is_file():
-            rows = [json.loads(line) for line in self.jsonl_path.read_text().splitlines() if line]
+        rows = read_metrics_rows(self.jsonl_path)
         self.rows = [r for r in rows if r["round"] <= last_round]
         for row in self.rows:
             self.columns += [k for k in row if k not in self.columns]
@@ -79,6 +80,24 @@ class FileLogger:
 
     def close(self) -> None:
         pass
+
+
+def read_metrics_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a torn last line (the process was killed while appending
+    it) is dropped, a damaged line elsewhere is an error naming the file and line."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                logger.warning("%s: dropping a torn last line (%d bytes)", path, len(line))
+                break
+            raise ValueError(f"{path}: line {number} is not valid JSON ({err})") from err
+    return rows
 
 
 def file_logger(out_dir: str | Path, run_config: dict[str, Any] | None = None) -> FileLogger:

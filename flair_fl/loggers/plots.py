@@ -6,7 +6,6 @@ touched (safe in sweeps that run many jobs in one process, and with no display).
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -17,6 +16,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from flair_fl.loggers.files import read_metrics_rows
 
 # (file name, title, y label, [(metric key, legend label), ...])
 PLOTS: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
@@ -72,13 +73,7 @@ def write_plots(rows: Mapping[int, Mapping[str, Any]], out_dir: str | Path) -> l
 
 def read_metrics_jsonl(path: Path) -> dict[int, dict[str, Any]]:
     """{round: metrics} from a `metrics.jsonl` (later lines win for a repeated round)."""
-    rows: dict[int, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[int(row["round"])] = row
-    return rows
+    return {int(row["round"]): row for row in read_metrics_rows(path)}
 
 
 class PlotLogger:
