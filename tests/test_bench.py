@@ -45,7 +45,7 @@ def test_smoke_benchmark_reports_both_paths_on_the_same_work(
         assert report["same_images_per_round"][transport]
         assert result["round_s"] > 0 and result["client_peak_rss_mb"] > 0
         assert result["breakdown_s"]["client compute (summed)"] > 0
-        assert report["ratio_to_reference"][transport] > 0
+        assert report["ratio_to_reference"][transport] == result["round_s"] / fastest
     json_path, md_path = write_report(report, tmp_path / "results", "smoke")
     table = md_path.read_text()
     assert "ratio to reference" in table and "transport=shared" in table

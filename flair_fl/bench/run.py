@@ -134,6 +134,12 @@ def run_benchmark(
         report["references"][str(threads)] = reference
     # The lower bound: the fastest of the reference's thread counts.
     report["reference"] = min(report["references"].values(), key=lambda r: r["round_s"])
+    return with_ratios(report)
+
+
+def with_ratios(report: dict[str, Any]) -> dict[str, Any]:
+    """Ratios of the flair-fl runs to the reference (the fastest thread count)."""
+    reference = report["reference"]
     report["ratio_to_reference"] = {
         t: s["round_s"] / reference["round_s"] for t, s in report["flair_fl"].items()
     }
