@@ -4,6 +4,9 @@ assertions: speed goals live in benchmarks/results, measured with scripts/bench.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 from flair_fl.bench.run import markdown, run_benchmark, write_report
@@ -52,3 +55,16 @@ def test_smoke_benchmark_reports_both_paths_on_the_same_work(
     assert "1 process, 1 thread)" in table and "1 process, 2 threads)" in table
     assert json_path.is_file() and markdown(report) == table
     assert report["machine"]["cores"] and report["machine"]["torch"]
+
+
+def test_thread_scaling_probe_reports_three_timings() -> None:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_threads.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--steps", "2", "--image-size", "16", "--batch-size", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    timings = [float(t) for t in re.findall(r"\d+\.\d+", done.stdout)]
+    assert len(timings) == 4 and all(t > 0 for t in timings), done.stdout
