@@ -9,10 +9,10 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from flair_fl.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from flair_fl.data.hdf5 import FlairReader, LabelSet, UserData
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SplitDataset", "UserDataset", "build_transform"]
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
