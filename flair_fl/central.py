@@ -2,7 +2,8 @@
 
 Same data, models, metrics, loggers and summary as federated runs, so C-* and FL-* results
 come out of one tool. Each epoch streams the train split user block by user block (HDF5
-reads stay sequential) through a seeded shuffle buffer.
+reads stay sequential) through a seeded shuffle buffer of uint8 images; each batch is
+augmented on the training device as federated clients do (flair_fl.data.augment).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
 from flair_fl.config_checks import ConfigError, validate_run_config
-from flair_fl.data.datasets import Transform, UserDataset, build_transform
+from flair_fl.data.augment import TrainAugment
 from flair_fl.data.hdf5 import FlairReader, LabelSet
 from flair_fl.data.source import FederatedData
 from flair_fl.driver import (
@@ -39,20 +40,20 @@ from flair_fl.privacy import NoPrivacy
 
 
 class ShuffledSplit(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
-    """A split's images in a seeded order: users shuffled, then a shuffle buffer."""
+    """A split's images (uint8 H x W x 3) in a seeded order: users shuffled, then a shuffle
+    buffer."""
 
     def __init__(
         self,
         reader: FlairReader,
         split: str,
         label_set: LabelSet,
-        transform: Transform,
         label_index: int | None,
         buffer_images: int,
         seed: int,
     ):
         self.reader, self.split, self.label_set = reader, split, label_set
-        self.transform, self.label_index = transform, label_index
+        self.label_index = label_index
         self.buffer_images, self.seed = buffer_images, seed
         self.users = list(reader.population(split))
 
@@ -60,10 +61,11 @@ class ShuffledSplit(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
         rng = np.random.default_rng(self.seed)
         buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
         for u in rng.permutation(len(self.users)):
-            data = UserDataset.from_file(
-                self.reader, self.split, self.users[u], self.label_set, label_index=self.label_index
-            )
-            buffer.extend(zip(data.images, data.targets, strict=True))
+            data = self.reader.read_user(self.split, self.users[u], self.label_set)
+            targets = torch.from_numpy(data.targets)
+            if self.label_index is not None:
+                targets = targets[:, [self.label_index]]
+            buffer.extend(zip(torch.from_numpy(data.images), targets, strict=True))
             if len(buffer) >= self.buffer_images:
                 yield from self._drain(buffer, rng, keep=self.buffer_images // 2)
         yield from self._drain(buffer, rng, keep=0)
@@ -75,8 +77,7 @@ class ShuffledSplit(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
         emit, rest = order[: len(buffer) - keep], order[len(buffer) - keep :]
         out = [buffer[i] for i in emit]
         buffer[:] = [buffer[i] for i in rest]
-        for image, target in out:
-            yield self.transform(image), target
+        yield from out
 
 
 def run_central(
@@ -126,23 +127,22 @@ def run_central(
     )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = (optimizer or torch.optim.Adam)(params)
-    transform = build_transform(train=True, size=data.input_size)
+    augment = TrainAugment(data.input_size)
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
         stream = ShuffledSplit(
             data.reader,
             "train",
             data.label_set,
-            transform,
             data.label_index,
             shuffle_buffer,
             derive_seed(cfg.seed, "central-epoch", epoch),
         )
-        torch.manual_seed(derive_seed(cfg.seed, "central-augment", epoch))
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "central-augment", epoch))
         model.to(device).train()
         loss_sum, seen = 0.0, 0
-        for images, targets in DataLoader(stream, batch_size=batch_size):
-            images, targets = images.to(device), targets.to(device)
+        for batch, labels in DataLoader(stream, batch_size=batch_size):
+            images, targets = augment(batch.to(device), generator), labels.to(device)
             opt.zero_grad(set_to_none=True)
             loss = F.binary_cross_entropy_with_logits(model(images), targets)
             loss.backward()

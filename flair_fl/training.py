@@ -5,6 +5,7 @@ The federated client, the centralized baseline and the benchmark reference all c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from flair_fl.metrics import MetricState
+
+# Turns what the loader yields into the model's input on the device, in a memory format
+# (TrainImages.inputs: a batch of image indices -> the augmented batch).
+BatchInputs = Callable[[torch.Tensor, torch.memory_format], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -40,12 +45,14 @@ def train_local(
     device: torch.device,
     generator: torch.Generator,
     grad_correction: dict[str, torch.Tensor] | None = None,
+    inputs: BatchInputs | None = None,
 ) -> dict[str, float]:
     """Train `model` in place with SGD on `dataset`; returns mean loss and counts.
 
     `generator` fixes the data order (the caller seeds it per seed, round and user).
     `grad_correction` (by parameter name) is added to every step's clipped gradient
-    (SCAFFOLD's c - c_i).
+    (SCAFFOLD's c - c_i). `inputs` maps each loaded batch to the model's input (default:
+    the batch is the input, moved to `device`).
     """
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     model.to(device).train()
@@ -60,8 +67,8 @@ def train_local(
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=settings.precision == "bf16")
     loss_sum, seen, steps = torch.zeros((), device=device), 0, 0  # summed on the device: no
     for _ in range(settings.epochs):  # host sync per step
-        for images, targets in loader:
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
+        for batch, targets in loader:
+            images = batch_input(batch, device, memory_format, inputs)
             targets = targets.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with autocast:
@@ -86,6 +93,18 @@ def train_local(
         "num_examples": float(len(dataset)),  # type: ignore[arg-type]
         "num_steps": float(steps),
     }
+
+
+def batch_input(
+    batch: torch.Tensor,
+    device: torch.device,
+    memory_format: torch.memory_format,
+    inputs: BatchInputs | None,
+) -> torch.Tensor:
+    """The model's input for one loaded batch, on `device`."""
+    if inputs is not None:
+        return inputs(batch, memory_format)
+    return batch.to(device, non_blocking=True, memory_format=memory_format)
 
 
 @torch.no_grad()

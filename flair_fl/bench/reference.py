@@ -2,7 +2,7 @@
 another on one device, aggregated with an in-place sum into a buffer allocated once.
 
 It uses what a flair-fl client uses (the ClientSpec the run would ship, the same HDF5
-reader, transforms, seeds and `train_local`), so both paths train the same users on the same
+reader, augmentation, seeds and `train_local`), so both paths train the same users on the same
 images; only the orchestration differs: no Flower, no Ray, no processes, no transport.
 """
 
@@ -18,9 +18,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from flair_fl.data.datasets import UserDataset, build_transform
 from flair_fl.data.source import FederatedData, open_reader
 from flair_fl.driver import build, device_for
+from flair_fl.federated.client_app import train_images
 from flair_fl.federated.sampling import CohortSampler, derive_seed
 from flair_fl.memory import peak_rss_mb
 from flair_fl.training import train_local
@@ -41,7 +41,6 @@ def run_reference(cfg: DictConfig, workdir: Path, threads: int = 1) -> list[dict
     params = [p for p in model.parameters() if p.requires_grad]
     global_params = [p.detach().clone() for p in params]
     total = [torch.zeros_like(p) for p in params]
-    transform = build_transform(train=True, size=spec.input_size)
     rows = []
     for server_round in range(1, cfg.num_rounds + 1):
         started = time.perf_counter()
@@ -53,13 +52,16 @@ def run_reference(cfg: DictConfig, workdir: Path, threads: int = 1) -> list[dict
             with torch.no_grad():
                 for p, g in zip(params, global_params, strict=True):
                     p.copy_(g)
-            dataset = UserDataset.from_file(
-                reader, "train", user, spec.label_set, transform, spec.max_images, spec.label_index
-            )
             seed = derive_seed(spec.seed, "client", server_round, user)
+            dataset = train_images(spec, reader, user, seed, device)
             torch.manual_seed(seed)
             stats = train_local(
-                model, dataset, spec.training, device, torch.Generator().manual_seed(seed)
+                model,
+                dataset,
+                spec.training,
+                device,
+                torch.Generator().manual_seed(seed),
+                inputs=dataset.inputs,
             )
             images += int(stats["num_examples"])
             with torch.no_grad():

@@ -89,34 +89,42 @@ def to_model_input(
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
     memory_format: torch.memory_format = torch.contiguous_format,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """uint8 (N, H, W, 3) on any device -> normalised float32 (N, 3, size, size) there.
 
     `boxes` (N, 4) of (top, left, height, width): crop each image to its box before the
     resize (None: the whole image, as the evaluation's Resize). `flips` (N,) bool: mirror
     those images left-right. Resize: antialiased bilinear (torchvision's `Resize`,
-    `antialias=True`); then x / 255, minus `mean`, over `std`, per channel.
+    `antialias=True`); then x / 255, minus `mean`, over `std`, per channel. `rows`: take
+    these images of `images` (a user's, on the device) as the batch, without copying them.
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
-    count = images.shape[0]
+    picked = list(range(images.shape[0])) if rows is None else rows.tolist()
+    out = torch.empty(
+        (len(picked), 3, size, size), device=images.device, memory_format=memory_format
+    )
     nchw = images.permute(0, 3, 1, 2)  # a view: channels-last strides, what the CPU kernel wants
-    if images.device.type != "cpu":
-        nchw = nchw.float()  # CUDA's antialiased kernel takes floating point only
-    out = torch.empty((count, 3, size, size), device=images.device, memory_format=memory_format)
-    if boxes is None and flips is None:
-        out.copy_(_resize(nchw, size))
-    else:
-        crops = boxes.tolist() if boxes is not None else [None] * count
-        mirrored = flips.tolist() if flips is not None else [False] * count
-        for n, (box, flip) in enumerate(zip(crops, mirrored, strict=True)):
-            crop = nchw[n : n + 1]
-            if box is not None:
-                top, left, h, w = box
-                crop = crop[:, :, top : top + h, left : left + w]
-            resized = _resize(crop, size)
-            out[n].copy_(resized[0].flip(-1) if flip else resized[0])
+    if boxes is None and flips is None and rows is None:
+        out.copy_(_resize(_resizable(nchw), size))
+        return _normalize_(out, mean, std)
+    crops = boxes.tolist() if boxes is not None else [None] * len(picked)
+    mirrored = flips.tolist() if flips is not None else [False] * len(picked)
+    for n, (row, box, flip) in enumerate(zip(picked, crops, mirrored, strict=True)):
+        crop = nchw[row : row + 1]
+        if box is not None:
+            top, left, h, w = box
+            crop = crop[:, :, top : top + h, left : left + w]
+        resized = _resize(_resizable(crop), size)
+        out[n].copy_(resized[0].flip(-1) if flip else resized[0])
     return _normalize_(out, mean, std)
+
+
+def _resizable(images: torch.Tensor) -> torch.Tensor:
+    """uint8 on CPU (PyTorch's vectorised uint8 kernel); float32 elsewhere (CUDA's
+    antialiased kernel takes floating point only), converted crop by crop."""
+    return images if images.device.type == "cpu" else images.float()
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -153,13 +161,17 @@ class TrainAugment:
         images: torch.Tensor,
         generator: torch.Generator,
         memory_format: torch.memory_format = torch.contiguous_format,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> float32 (N, 3, size, size) on the images' device.
 
-        The random parameters come from `generator` (CPU), so a seed gives the same crops
-        and flips on every device.
+        `rows`: augment these images of `images` (default: all). The random parameters come
+        from `generator` (CPU), so a seed gives the same crops and flips on every device.
         """
-        count, height, width = images.shape[:3]
+        height, width = images.shape[1:3]
+        count = images.shape[0] if rows is None else len(rows)
         boxes = sample_crop_boxes(count, height, width, generator, self.scale, self.ratio)
         flips = torch.rand(count, generator=generator) < 0.5
-        return to_model_input(images, self.size, boxes, flips, self.mean, self.std, memory_format)
+        return to_model_input(
+            images, self.size, boxes, flips, self.mean, self.std, memory_format, rows
+        )

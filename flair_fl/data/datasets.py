@@ -9,10 +9,17 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from flair_fl.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from flair_fl.data.hdf5 import FlairReader, LabelSet, UserData
+from flair_fl.data.augment import IMAGENET_MEAN, IMAGENET_STD, TrainAugment
+from flair_fl.data.hdf5 import FlairReader, LabelSet, StoredUser, UserData
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SplitDataset", "UserDataset", "build_transform"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SplitDataset",
+    "TrainImages",
+    "UserDataset",
+    "build_transform",
+]
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -71,6 +78,58 @@ class UserDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.images[index]
         return (self.transform(image) if self.transform else image), self.targets[index]
+
+
+class TrainImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """One user's (capped) training images, moved to the training device once as uint8
+    (N, H, W, 3) (the compact store's JPEGs decoded there), augmented a batch at a time.
+
+    Items are (image index, target): a DataLoader (or Opacus's Poisson one) draws the batch
+    of indices, and `inputs` turns it into the augmented float batch on the device, each
+    image with its own crop and flip from `generator`.
+    """
+
+    def __init__(
+        self,
+        stored: StoredUser,
+        augment: TrainAugment,
+        generator: torch.Generator,
+        device: torch.device,
+        label_index: int | None = None,
+    ):
+        self.images = stored.images.to_device(device)
+        targets = torch.from_numpy(stored.targets)
+        self.targets = targets if label_index is None else targets[:, [label_index]]
+        self.index = torch.arange(len(self.targets))
+        self.augment, self.generator = augment, generator
+
+    @classmethod
+    def from_file(
+        cls,
+        reader: FlairReader,
+        user_id: str,
+        label_set: LabelSet,
+        augment: TrainAugment,
+        generator: torch.Generator,
+        device: torch.device,
+        max_images: int | None = None,
+        label_index: int | None = None,
+    ) -> TrainImages:
+        """A user of the train split."""
+        stored = reader.read_user_stored("train", user_id, label_set, max_images)
+        return cls(stored, augment, generator, device, label_index)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.index[index], self.targets[index]
+
+    def inputs(
+        self, index: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format
+    ) -> torch.Tensor:
+        """The augmented float32 batch (B, 3, size, size) of images `index`, on the device."""
+        return self.augment(self.images, self.generator, memory_format, rows=index)
 
 
 class SplitDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):

@@ -1,11 +1,12 @@
 """JPEG decoding for preparation and reading, and an ordered, bounded worker pool.
 
 Preparation decodes with PIL (what pfl-research's and ml-flair's scripts store); the reader of
-the compact JPEG-bytes variant decodes with `torchvision.io.decode_jpeg` on CPU. Both use
-libjpeg-turbo with the same defaults (integer IDCT, fancy upsampling) and return identical
-arrays for the same bytes: checked on 4:2:0 / 4:2:2 / 4:4:4, progressive, optimised,
-greyscale and CMYK JPEGs (tests/test_compact.py). GPU decoding (nvjpeg) is not bit-exact
-and is not used here.
+the compact JPEG-bytes variant decodes with `torchvision.io.decode_jpeg`, a whole user's list
+in one call. On CPU both use libjpeg-turbo with the same defaults (integer IDCT, fancy
+upsampling) and return identical arrays for the same bytes: checked on 4:2:0 / 4:2:2 / 4:4:4,
+progressive, optimised, greyscale and CMYK JPEGs (tests/test_compact.py). A client training on
+CUDA decodes its user's list there (batched nvJPEG, `decode_jpegs(..., device)`): fast, but not
+bit-exact with libjpeg-turbo (its upsampling and IDCT differ in the last grey level).
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from flair_fl.data.raw import FlairFormatError
+
+if TYPE_CHECKING:  # torch is imported where decoding happens: preparation's CLIs start faster
+    import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -38,28 +42,112 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
 
 
 def decode_stored_jpegs(encoded: Sequence[np.ndarray], where: Callable[[int], str]) -> np.ndarray:
-    """Decode stored JPEG bytes (1-D uint8 arrays) with torchvision to uint8 (N, H, W, 3).
+    """Decode stored JPEG bytes (1-D uint8 arrays) with torchvision to uint8 (N, H, W, 3)."""
+    import torch
 
-    One call per image, so a damaged one is named (on CPU, torchvision's list form loops
-    the same way).
+    if not encoded:
+        return np.zeros((0, 0, 0, 3), dtype=np.uint8)
+    return decode_jpegs(encoded, where, torch.device("cpu")).numpy()
+
+
+def decode_jpegs(
+    encoded: Sequence[np.ndarray], where: Callable[[int], str], device: torch.device
+) -> torch.Tensor:
+    """Decode a list of stored JPEGs (1-D uint8 arrays) in one call to uint8 (N, H, W, 3) on
+    `device`: batched nvJPEG on CUDA, libjpeg-turbo on CPU.
+
+    If the batch fails, each image is decoded on its own on the CPU, so a damaged one is
+    named (and a JPEG nvJPEG cannot take, such as CMYK, is decoded there instead).
     """
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    arrays = [np.ascontiguousarray(e, dtype=np.uint8) for e in encoded]
-    tensors = [torch.from_numpy(a if a.flags.writeable else a.copy()) for a in arrays]
-    images: list[np.ndarray] = []
-    for index, tensor in enumerate(tensors):
+    tensors = [torch.from_numpy(_writeable(e)) for e in encoded]
+    if device.type == "cuda":
         try:
-            images.append(decode_jpeg(tensor, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy())
-        except RuntimeError as err:
-            raise FlairFormatError(
-                f"{where(index)}: stored JPEG bytes do not decode ({err})"
-            ) from err
-    shapes = {image.shape for image in images}
-    if len(shapes) > 1:
-        raise FlairFormatError(f"{where(0)}: images of different shapes {sorted(shapes)}")
-    return np.stack(images) if images else np.zeros((0, 0, 0, 3), dtype=np.uint8)
+            chw = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            return decode_jpegs(encoded, where, torch.device("cpu")).to(device)
+        _same_shapes([tuple(t.shape[1:]) for t in chw], where)
+        return torch.stack(chw).permute(0, 2, 3, 1).contiguous()
+    try:
+        decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        decoded = [_decode_one(t, index, where) for index, t in enumerate(tensors)]
+    # libjpeg decodes to HWC; torchvision returns a CHW view of it, so this is a plain copy.
+    hwc = [image.permute(1, 2, 0) for image in decoded]
+    _same_shapes([tuple(t.shape[:2]) for t in hwc], where)
+    return torch.stack(hwc)
+
+
+def _writeable(array: np.ndarray) -> np.ndarray:
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    return array if array.flags.writeable else array.copy()  # torch.from_numpy warns otherwise
+
+
+def _decode_one(data: torch.Tensor, index: int, where: Callable[[int], str]) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        raise FlairFormatError(f"{where(index)}: stored JPEG bytes do not decode ({err})") from err
+
+
+def _same_shapes(shapes: list[tuple[int, ...]], where: Callable[[int], str]) -> None:
+    if len(set(shapes)) > 1:
+        raise FlairFormatError(f"{where(0)}: images of different shapes {sorted(set(shapes))}")
+
+
+@dataclass(frozen=True)
+class StoredImages:
+    """A user's images as the file stores them: uint8 pixels (N, H, W, 3), or the JPEG bytes
+    of each image (the compact store), decoded only where they are used."""
+
+    pixels: np.ndarray | None = None
+    jpegs: list[np.ndarray] | None = None
+    names: tuple[str, ...] = ()  # each JPEG's place in the file, for errors
+
+    def __len__(self) -> int:
+        return len(self.jpegs) if self.jpegs is not None else len(self._pixels())
+
+    def _pixels(self) -> np.ndarray:
+        assert self.pixels is not None
+        return self.pixels
+
+    def _where(self, index: int) -> str:
+        return self.names[index] if index < len(self.names) else f"image {index}"
+
+    def decoded(self) -> np.ndarray:
+        """uint8 (N, H, W, 3) on the CPU."""
+        if self.jpegs is None:
+            return self._pixels()
+        return decode_stored_jpegs(self.jpegs, self._where)
+
+    def to_device(self, device: torch.device) -> torch.Tensor:
+        """uint8 (N, H, W, 3) on `device`; JPEGs are decoded there (nvJPEG on CUDA)."""
+        import torch
+
+        if self.jpegs is None:
+            return torch.from_numpy(_writeable(self._pixels())).to(device)
+        return decode_jpegs(self.jpegs, self._where, device)
+
+    def take(self, order: Sequence[int]) -> StoredImages:
+        """These images in `order`."""
+        if self.jpegs is None:
+            return StoredImages(pixels=self._pixels()[list(order)])
+        return StoredImages(
+            jpegs=[self.jpegs[i] for i in order], names=tuple(self._where(i) for i in order)
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[StoredImages]) -> StoredImages:
+        """The images of `parts`, one after the other (all from one store)."""
+        if all(p.jpegs is None for p in parts):
+            return StoredImages(pixels=np.concatenate([p._pixels() for p in parts]))
+        jpegs = [j for p in parts for j in p.jpegs or []]
+        names = tuple(p._where(i) for p in parts for i in range(len(p)))
+        return StoredImages(jpegs=jpegs, names=names)
 
 
 @dataclass(frozen=True)

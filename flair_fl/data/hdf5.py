@@ -28,7 +28,7 @@ from typing import Protocol
 import h5py
 import numpy as np
 
-from flair_fl.data.decode import decode_stored_jpegs
+from flair_fl.data.decode import StoredImages
 from flair_fl.data.labels import SPLITS, label_mapping
 from flair_fl.data.raw import FlairFormatError
 from flair_fl.data.targets import (
@@ -81,6 +81,17 @@ class UserData:
     targets: np.ndarray
 
 
+@dataclass(frozen=True)
+class StoredUser:
+    """One user's images as stored (JPEG bytes not decoded yet) and multi-hot targets."""
+
+    images: StoredImages
+    targets: np.ndarray
+
+    def decoded(self) -> UserData:
+        return UserData(self.images.decoded(), self.targets)
+
+
 class FlairReader(Protocol):
     """What training and evaluation read: a FlairHDF5, or a re-partition of one."""
 
@@ -95,6 +106,14 @@ class FlairReader(Protocol):
         label_set: LabelSet = "coarse",
         max_images: int | None = None,
     ) -> UserData: ...
+
+    def read_user_stored(
+        self,
+        split: str,
+        user_id: str,
+        label_set: LabelSet = "coarse",
+        max_images: int | None = None,
+    ) -> StoredUser: ...
 
     def label_mapping(self, label_set: LabelSet = "coarse") -> dict[str, int]: ...
 
@@ -245,6 +264,17 @@ class FlairHDF5:
         max_images: int | None = None,
     ) -> UserData:
         """A user's first `max_images` images and their multi-hot targets."""
+        return self.read_user_stored(split, user_id, label_set, max_images).decoded()
+
+    def read_user_stored(
+        self,
+        split: str,
+        user_id: str,
+        label_set: LabelSet = "coarse",
+        max_images: int | None = None,
+    ) -> StoredUser:
+        """`read_user` without decoding the compact store's JPEGs (the client decodes them
+        on its device)."""
         with self._reading(f"user {user_id} of split '{split}'"):
             n_total = self._user_size(split, user_id)
             n = n_total if max_images is None else min(max_images, n_total)
@@ -258,6 +288,12 @@ class FlairHDF5:
         self, split: str, user_id: str, indices: Sequence[int], label_set: LabelSet = "coarse"
     ) -> UserData:
         """Some images of a user (indices increasing and distinct), reading no other image."""
+        return self.read_images_stored(split, user_id, indices, label_set).decoded()
+
+    def read_images_stored(
+        self, split: str, user_id: str, indices: Sequence[int], label_set: LabelSet = "coarse"
+    ) -> StoredUser:
+        """`read_images` without decoding the compact store's JPEGs."""
         index = np.asarray(indices, dtype=np.int64)
         with self._reading(f"user {user_id} of split '{split}'"):
             n_total = self._user_size(split, user_id)
@@ -300,16 +336,17 @@ class FlairHDF5:
             raise FlairFormatError(f"{self.path}: no user {user_id!r} in split '{split}'")
         return ids
 
-    def _read(self, split: str, user_id: str, index: np.ndarray, label_set: LabelSet) -> UserData:
+    def _read(self, split: str, user_id: str, index: np.ndarray, label_set: LabelSet) -> StoredUser:
         """Images `index` (increasing) of a user, with their targets."""
         mapping = self.label_mapping(label_set)
         where = f"{self.path}: split '{split}', user {user_id}"
         if self.layout == "central":
             group = self._require_split(split)
             ids = [self._central_ids(split, user_id)[i] for i in index]
-            images = np.stack([group[i]["image"][()] for i in ids])
+            pixels = np.stack([group[i]["image"][()] for i in ids])
             strings = [group[i][label_key(label_set)][()] for i in ids]
-            return UserData(images, targets_from_strings(strings, mapping, where))
+            targets = targets_from_strings(strings, mapping, where)
+            return StoredUser(StoredImages(pixels=pixels), targets)
         user = self._user_group(split, user_id)
         # A contiguous prefix reads as one slice; h5py's point selection is slower.
         contiguous = index.size and index[-1] - index[0] + 1 == index.size
@@ -332,18 +369,17 @@ class FlairHDF5:
             raise FlairFormatError(
                 f"{where}: {len(images)} images but {len(targets)} label entries"
             )
-        return UserData(images, targets)
+        return StoredUser(images, targets)
 
     def _pixels(
         self, user: h5py.Group, selection: slice | np.ndarray, name: str, index: np.ndarray
-    ) -> np.ndarray:
-        """uint8 (n, H, W, 3): stored pixels, or stored JPEG bytes decoded (compact store)."""
+    ) -> StoredImages:
+        """uint8 (n, H, W, 3) stored pixels, or the compact store's JPEG bytes (undecoded)."""
         dataset = user["images"]
         if h5py.check_vlen_dtype(dataset.dtype) is None:
-            return np.asarray(dataset[selection])
-        return decode_stored_jpegs(
-            list(dataset[selection]), lambda i: f"{self.path}: {name}[{index[i]}]"
-        )
+            return StoredImages(pixels=np.asarray(dataset[selection]))
+        names = tuple(f"{self.path}: {name}[{i}]" for i in index)
+        return StoredImages(jpegs=list(dataset[selection]), names=names)
 
     @cached_property
     def _label_names(self) -> dict[str, dict[int, str]]:
@@ -393,4 +429,5 @@ class FlairHDF5:
             if not -n_images <= index < n_images:
                 raise IndexError(f"{self.path}: user {user_id} has {n_images} images, no [{index}]")
             position = np.array([index % n_images])
-            return self._pixels(user, position, f"/{split}/{user_id}/images", position)[0]
+            stored = self._pixels(user, position, f"/{split}/{user_id}/images", position)
+            return stored.decoded()[0]

@@ -14,7 +14,8 @@ from functools import cached_property
 
 import numpy as np
 
-from flair_fl.data.hdf5 import FlairHDF5, UserData
+from flair_fl.data.decode import StoredImages
+from flair_fl.data.hdf5 import FlairHDF5, StoredUser, UserData
 from flair_fl.data.raw import FlairFormatError
 from flair_fl.data.targets import LabelSet
 
@@ -100,19 +101,30 @@ class IidPartition:
         max_images: int | None = None,
     ) -> UserData:
         """A (pseudo-)user's first `max_images` images and their multi-hot targets."""
+        return self.read_user_stored(split, user_id, label_set, max_images).decoded()
+
+    def read_user_stored(
+        self,
+        split: str,
+        user_id: str,
+        label_set: LabelSet = "coarse",
+        max_images: int | None = None,
+    ) -> StoredUser:
+        """`read_user` without decoding the compact store's JPEGs."""
         if split != self.split:
-            return self.base.read_user(split, user_id, label_set, max_images)
+            return self.base.read_user_stored(split, user_id, label_set, max_images)
         members = self.members(user_id)[:max_images]
         owners = np.array([user for user, _ in members])
         indices = np.array([index for _, index in members])
-        picked: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        parts, targets, slots_read = [], [], []
         for user in dict.fromkeys(owners.tolist()):  # each natural user read once
             slots = np.flatnonzero(owners == user)
             slots = slots[np.argsort(indices[slots])]  # h5py reads increasing indices
-            data = self.base.read_images(split, user, indices[slots].tolist(), label_set)
-            for slot, image, target in zip(slots, data.images, data.targets, strict=True):
-                picked[int(slot)] = (image, target)
-        order = range(len(members))
-        return UserData(
-            np.stack([picked[s][0] for s in order]), np.stack([picked[s][1] for s in order])
-        )
+            data = self.base.read_images_stored(split, user, indices[slots].tolist(), label_set)
+            parts.append(data.images)
+            targets.append(data.targets)
+            slots_read.append(slots)
+        # Read in (natural user, index) order; put back in the pseudo-user's order.
+        where = np.argsort(np.concatenate(slots_read))
+        images = StoredImages.concat(parts).take(where.tolist())
+        return StoredUser(images, np.concatenate(targets)[where])

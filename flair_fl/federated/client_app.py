@@ -21,8 +21,9 @@ from flwr.clientapp import ClientApp
 from hydra.utils import instantiate
 from torch import nn
 
-from flair_fl.data.datasets import UserDataset, build_transform
-from flair_fl.data.hdf5 import LabelSet
+from flair_fl.data.augment import TrainAugment
+from flair_fl.data.datasets import TrainImages, UserDataset, build_transform
+from flair_fl.data.hdf5 import FlairReader, LabelSet
 from flair_fl.data.source import open_reader
 from flair_fl.federated import faults
 from flair_fl.federated.sampling import derive_seed
@@ -84,7 +85,6 @@ class _Runtime:
         self.idle_release = _IdleRelease() if self.device.type == "cuda" else None
         self.model: nn.Module = instantiate(spec.model)(num_classes=spec.num_labels)
         self.model.to(self.device)
-        self.train_transform = build_transform(train=True, size=spec.input_size)
         self.eval_transform = build_transform(train=False, size=spec.input_size)
 
 
@@ -179,17 +179,9 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
     control = _load_global(runtime, msg)
     loaded = time.perf_counter()
     before = trainable_state(runtime.model) if control else {}  # SCAFFOLD only
-    dataset = UserDataset.from_file(
-        runtime.reader,
-        "train",
-        user_id,
-        spec.label_set,
-        runtime.train_transform,
-        spec.max_images,
-        spec.label_index,
-    )
     seed = derive_seed(spec.seed, "client", server_round, user_id)
-    torch.manual_seed(seed)  # transforms draw from torch's global RNG
+    dataset = train_images(spec, runtime.reader, user_id, seed, runtime.device)
+    torch.manual_seed(seed)  # anything else drawing from torch's global RNG
     generator = torch.Generator().manual_seed(seed)
     settings = spec.training
     mu = float(str(config.get("proximal-mu", settings.proximal_mu)))
@@ -205,10 +197,19 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
         from flair_fl.privacy.dp_sgd import train_local_dp_sgd  # Opacus only when needed
 
         stats = train_local_dp_sgd(
-            runtime.model, dataset, settings, runtime.device, generator, spec.local_dp, correction
+            runtime.model,
+            dataset,
+            settings,
+            runtime.device,
+            generator,
+            spec.local_dp,
+            correction,
+            dataset.inputs,
         )
     else:
-        stats = train_local(runtime.model, dataset, settings, runtime.device, generator, correction)
+        stats = train_local(
+            runtime.model, dataset, settings, runtime.device, generator, correction, dataset.inputs
+        )
     trained = time.perf_counter()
     # Message transport: copies (ArrayRecord serialises them anyway). Shared transport:
     # the parameters themselves, written straight into the reply file.
@@ -245,6 +246,23 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
     if runtime.idle_release:
         runtime.idle_release.job_done()
     return Message(content=content, reply_to=msg)
+
+
+def train_images(
+    spec: ClientSpec, reader: FlairReader, user_id: str, seed: int, device: torch.device
+) -> TrainImages:
+    """A user's capped train images on `device` (decoded there), augmented per image with
+    crops and flips drawn from a generator seeded by the client's (seed, round, user) seed."""
+    return TrainImages.from_file(
+        reader,
+        user_id,
+        spec.label_set,
+        TrainAugment(spec.input_size),
+        torch.Generator().manual_seed(derive_seed(seed, "augment")),
+        device,
+        spec.max_images,
+        spec.label_index,
+    )
 
 
 def client_evaluate(spec: ClientSpec, msg: Message) -> Message:

@@ -29,7 +29,7 @@ from flair_fl.privacy.opacus_models import (
     opacus_ready_copy,
     require_dp_sgd_compatible,
 )
-from flair_fl.training import LocalTraining
+from flair_fl.training import BatchInputs, LocalTraining, batch_input
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,15 @@ def train_local_dp_sgd(
     generator: torch.Generator,
     dp: DPSGDSettings | Mapping[str, Any],
     grad_correction: dict[str, torch.Tensor] | None = None,
+    inputs: BatchInputs | None = None,
 ) -> dict[str, float]:
     """Train `model` in place with DP-SGD on `dataset`; `train_local`'s dict + DP figures.
 
     `settings.grad_clip` is not applied: per-example clipping to `max_grad_norm` bounds
     the gradients. The FedProx term and `grad_correction` (SCAFFOLD's c - c_i) do not
     depend on this round's data, so they are added after the noise. `generator` fixes the
-    Poisson batches; the noise generator derives from it.
+    Poisson batches; the noise generator derives from it. `inputs`: as in `train_local`
+    (the augmentation runs on the batch before the model, outside the per-example gradients).
     """
     dp = DPSGDSettings.parse(dp)
     require_dp_sgd_compatible(model)
@@ -103,7 +105,12 @@ def train_local_dp_sgd(
             # The first layer's input needs no gradient; Opacus only needs its output's.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss_sum, seen, steps = _dp_epochs(
-                private, dp_loader, dp_optimizer, (global_params, corrections), settings, device
+                private,
+                dp_loader,
+                dp_optimizer,
+                (global_params, corrections),
+                settings,
+                (device, inputs),
             )
     finally:
         hooks.cleanup()
@@ -125,15 +132,17 @@ def _dp_epochs(
     optimizer: DPOptimizer,
     extra: tuple[list[torch.Tensor], list[torch.Tensor]],
     settings: LocalTraining,
-    device: torch.device,
+    where: tuple[torch.device, BatchInputs | None],
 ) -> tuple[float, int, int]:
     """The DP-SGD loop; returns (loss sum, examples seen, optimizer steps)."""
+    device, inputs = where
     params = [p for group in optimizer.param_groups for p in group["params"]]
     global_params, corrections = extra
     loss_sum, seen, steps = 0.0, 0, 0
     for _ in range(settings.epochs):
-        for images, targets in loader:
-            images, targets = images.to(device), targets.to(device)
+        for batch, targets in loader:
+            images = batch_input(batch, device, torch.contiguous_format, inputs)
+            targets = targets.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = F.binary_cross_entropy_with_logits(model(images), targets)
             loss.backward()  # per-example gradients (an empty Poisson batch gives none)
