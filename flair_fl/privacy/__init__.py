@@ -4,16 +4,19 @@ Every privacy option implements `Privacy`. `privacy=none` is the null object `No
 it returns the strategy unchanged, asks nothing of clients and never stops a run.
 `privacy=dp` / `dp_adaptive`: `central.CentralDP` (user-level, on the server);
 `privacy=dp_sgd`: `local.LocalDPSGD` (sample-level DP-SGD on each client, Opacus).
-Submodules are not imported here: they pull in Opacus, which only DP runs need.
+Submodules are not imported here: they pull in Opacus, which only DP runs need; Flower
+and torch are only named in annotations, so `python -m flair_fl.privacy calibrate` starts
+without them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from flwr.serverapp.strategy import Strategy
-from torch import nn
+if TYPE_CHECKING:
+    from flwr.serverapp.strategy import Strategy
+    from torch import nn
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
-"""Privacy accounting with Opacus: noise calibration and the epsilon spent so far.
+"""Privacy accounting: noise calibration and the epsilon spent so far.
 
-Every figure comes from Opacus's accountants for the Poisson-subsampled Gaussian mechanism
-(`rdp`: Renyi DP with Opacus's default orders; `prv`: privacy random variables, tighter).
-The RDP epsilon after r steps is computed from the per-step RDP curve times r, which is
-exactly what `RDPAccountant` does internally, so per-round figures cost microseconds.
+Every figure is for the Poisson-subsampled Gaussian mechanism, from a library accountant:
+`rdp` (Opacus, Renyi DP at Opacus's default orders), `prv` (Opacus, privacy random
+variables, tighter) and `pld` (Google's dp-accounting, privacy loss distributions with
+pfl-research's settings: see `pld.py`). The RDP epsilon after r steps is the per-step RDP
+curve times r, exactly what `RDPAccountant` does internally, so it costs microseconds.
+Opacus and dp-accounting are imported on first use: `python -m flair_fl.privacy calibrate
+--accountant pld` never loads torch.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 
-ACCOUNTANTS = ("rdp", "prv")
-RDP_ORDERS: Sequence[float] = RDPAccountant.DEFAULT_ALPHAS
+from flair_fl.privacy.pld import pld_epsilon, pld_noise_multiplier
+
+ACCOUNTANTS = ("rdp", "prv", "pld")
+# Opacus's RDPAccountant.DEFAULT_ALPHAS, written out so that importing this module does not
+# import Opacus (and torch); tests check that they are equal.
+RDP_ORDERS: Sequence[float] = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 
 
 def noise_multiplier_for(
@@ -31,9 +35,15 @@ def noise_multiplier_for(
 ) -> float:
     """The noise multiplier z reaching (epsilon, delta) after `steps` steps at rate q.
 
-    Opacus's `get_noise_multiplier`: a binary search that returns the smallest z it tried
-    whose epsilon is at most `epsilon` and within `epsilon_tolerance` of it.
+    rdp / prv: Opacus's `get_noise_multiplier`, a binary search that returns the smallest z
+    it tried whose epsilon is at most `epsilon` and within `epsilon_tolerance` of it.
+    pld: dp-accounting's `calibrate_dp_mechanism` (see `pld.pld_noise_multiplier`); its
+    tolerance is on z, so `epsilon_tolerance` does not apply.
     """
+    if accountant == "pld":
+        return pld_noise_multiplier(epsilon, delta, sample_rate, steps)
+    from opacus.accountants.utils import get_noise_multiplier
+
     with warnings.catch_warnings():  # the search's far-off trial values warn about orders
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(
@@ -67,6 +77,8 @@ def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> flo
 
 def rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """RDP of one step of the subsampled Gaussian mechanism at Opacus's default orders."""
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     return np.asarray(
         rdp_analysis.compute_rdp(
             q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS
@@ -77,6 +89,8 @@ def rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 
 def epsilon_from_rdp(rdp: np.ndarray, delta: float) -> float:
     """Opacus's RDP -> (epsilon, delta) conversion at its default orders."""
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     epsilon, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
     return float(epsilon)
 
@@ -84,27 +98,57 @@ def epsilon_from_rdp(rdp: np.ndarray, delta: float) -> float:
 class EpsilonCurve:
     """Epsilon spent after r rounds of one subsampled Gaussian mechanism (z, q) at delta.
 
-    Cached per r: `stop_reason` and `round_metrics` both ask for the same rounds.
+    Each round is one composition, or, for banded matrix factorization with min-separation
+    b, a user's r rounds hold at most ceil(r / b) participations (`min_separation`). Cached
+    per r: `stop_reason` and `round_metrics` both ask for the same rounds.
+
+    pld costs ~1-2 s per figure, so it is computed exactly at compositions 1-10, every
+    `horizon / 100`-th and at the horizon; between those the curve shows the next exact
+    figure, an upper bound (epsilon never decreases with more compositions).
     """
 
-    def __init__(self, noise_multiplier: float, sample_rate: float, delta: float, accountant: str):
+    def __init__(
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        delta: float,
+        accountant: str,
+        horizon: int = 0,
+        min_separation: int = 1,
+    ):
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}")
         self.noise_multiplier, self.sample_rate = noise_multiplier, sample_rate
         self.delta, self.accountant = delta, accountant
+        self.min_separation = min_separation
+        self._horizon = self.compositions(horizon)
+        self._grid_step = max(1, math.ceil(self._horizon / 100))
         self._rdp = rdp_per_step(noise_multiplier, sample_rate) if accountant == "rdp" else None
         self._cache: dict[int, float] = {0: 0.0}
 
-    def __call__(self, rounds: int) -> float:
-        if rounds not in self._cache:
-            self._cache[rounds] = self._epsilon(rounds)
-        return self._cache[rounds]
+    def compositions(self, rounds: int) -> int:
+        """The most participations of one user in `rounds` rounds."""
+        return math.ceil(rounds / self.min_separation)
 
-    def _epsilon(self, rounds: int) -> float:
+    def __call__(self, rounds: int) -> float:
+        steps = self.compositions(rounds)
+        if self.accountant == "pld" and steps > 10 and steps != self._horizon:
+            steps = math.ceil(steps / self._grid_step) * self._grid_step
+            if steps > self._horizon >= self.compositions(rounds):
+                steps = self._horizon
+        if steps not in self._cache:
+            self._cache[steps] = self._epsilon(steps)
+        return self._cache[steps]
+
+    def _epsilon(self, steps: int) -> float:
         if self._rdp is not None:
-            return epsilon_from_rdp(self._rdp * rounds, self.delta)
+            return epsilon_from_rdp(self._rdp * steps, self.delta)
+        if self.accountant == "pld":
+            return pld_epsilon(self.noise_multiplier, self.sample_rate, steps, self.delta)
+        from opacus.accountants import PRVAccountant
+
         prv = PRVAccountant()
-        prv.history = [(self.noise_multiplier, self.sample_rate, rounds)]
+        prv.history = [(self.noise_multiplier, self.sample_rate, steps)]
         return float(prv.get_epsilon(delta=self.delta))
 
 

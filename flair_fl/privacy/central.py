@@ -199,7 +199,9 @@ class CentralDP:
             seed=context.seed,
         )
         self.calibration = cal
-        self.curve = EpsilonCurve(cal.noise_multiplier, cal.sample_rate, cal.delta, self.accountant)
+        self.curve = EpsilonCurve(
+            cal.noise_multiplier, cal.sample_rate, cal.delta, self.accountant, cal.rounds
+        )
         self.strategy = CentralDPStrategy(strategy, noise, self.clip_norm, adaptive)
         return self.strategy
 
