@@ -94,8 +94,11 @@ class CentralDP:
         population_size: int | None = None,
         max_epsilon: float | None = None,
         adaptive: AdaptiveClipping | None = None,
+        secure_noise: bool = True,
     ):
         _positive("clip_norm", clip_norm)
+        if not isinstance(secure_noise, bool):
+            raise ConfigError(f"privacy.secure_noise={secure_noise!r}: must be true or false")
         if noise_multiplier is None and epsilon is None:
             raise ConfigError("privacy.epsilon=None: set a target epsilon or noise_multiplier")
         for key, value in (
@@ -118,7 +121,7 @@ class CentralDP:
         self.noise_multiplier, self.accountant = noise_multiplier, accountant
         self.epsilon_tolerance, self.max_epsilon = float(epsilon_tolerance), max_epsilon
         self.noise_cohort_size, self.population_size = noise_cohort_size, population_size
-        self.adaptive = adaptive
+        self.adaptive, self.secure_noise = adaptive, secure_noise
         self.calibration: Calibration | None = None
         self.strategy: CentralDPStrategy | None = None
         self.curve: EpsilonCurve | None = None
@@ -197,6 +200,7 @@ class CentralDP:
             update_noise_multiplier=cal.update_noise_multiplier,
             noise_scale=cal.noise_scale,
             seed=context.seed,
+            secure=self.secure_noise,
         )
         self.calibration = cal
         self.curve = EpsilonCurve(
@@ -250,7 +254,7 @@ class CentralDP:
         """What a resumed run needs: the adaptive clip norm and the per-round figures.
 
         Epsilon is a function of the round number and the noise is drawn from (seed,
-        round), so nothing else changes from round to round.
+        round) or, with secure noise, afresh: nothing else changes from round to round.
         """
         if self.strategy is None or self.calibration is None:
             return {}
@@ -287,6 +291,8 @@ class CentralDP:
             "clip_norm": self.clip_norm,
             "epsilon_target": self.epsilon if self.noise_multiplier is None else None,
             "max_epsilon": self.max_epsilon,
+            "noise_source": "os-entropy" if self.secure_noise else "seed",
+            "noise_reproducible_from_seed": not self.secure_noise,
         }
         if self.adaptive is not None:
             settings.update(

@@ -12,13 +12,14 @@ Why not Flower's `DifferentialPrivacyServerSide*Clipping`: they add the noise to
 wrapped strategy returns, i.e. *after* FedAdam's step (whose per-user sensitivity is not
 C/cohort, so the guarantee does not hold); they skip aggregation if any client failed;
 their noise is calibrated for uniform weights but not enforced; they draw noise from the
-global numpy RNG (not reproducible from the run's seed); and the adaptive variant
-calibrates the noise with the clip norm of the *next* round and moves the norm away from
+global numpy RNG (neither reproducible from the run's seed nor keyed from the OS); and the
+adaptive variant calibrates the noise with the clip norm of the *next* round and moves the norm away from
 the requested quantile (its formula uses the clipped fraction; see tests).
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,19 @@ class NoiseSettings:
     update_noise_multiplier: float  # z (with adaptive clipping: z raised for the count noise)
     noise_scale: float = 1.0  # cohort / noise_cohort (< 1 only when simulating a larger cohort)
     seed: int = 0
+    secure: bool = False  # True: keyed from the OS each round, nobody can regenerate it
+
+    def generator(self, server_round: int) -> np.random.Generator:
+        """This round's noise generator (Gaussian noise, and the adaptive count noise).
+
+        Seeded: a function of (seed, round), so a run and its resume draw the same noise,
+        and so can anyone holding the config. Secure: numpy's Philox (a counter-based
+        generator built on a block cipher's rounds) keyed with 128 bits from the OS's
+        CSPRNG (`secrets`), fresh every round and never stored.
+        """
+        if self.secure:
+            return np.random.Generator(np.random.Philox(key=secrets.randbits(128)))
+        return np.random.default_rng(derive_seed(self.seed, "central-dp", server_round))
 
 
 @dataclass(frozen=True)
@@ -138,7 +152,7 @@ class CentralDPStrategy(DelegatingStrategy):
         self.history[server_round] = stats
         if not reduction.count or template is None:  # the round still counts in the accountant
             return None
-        rng = np.random.default_rng(derive_seed(self.noise.seed, "central-dp", server_round))
+        rng = self.noise.generator(server_round)
         noisy_sum = reduction.total + rng.normal(0.0, std_sum, size=reduction.total.shape)
         if self.adaptive is not None:
             fraction = self.adaptive.update(reduction.unclipped_count, reduction.count, rng)
