@@ -19,9 +19,7 @@ from tests.helpers import compose_config
 BEFORE_NOISE = ("train_", "clients_", "round", "dp_")
 
 
-def test_secure_generator_differs_per_draw_and_seeded_one_is_a_function_of_seed_and_round() -> (
-    None
-):
+def test_secure_generator_differs_per_draw_and_seeded_one_is_a_function_of_seed_and_round() -> None:
     secure, seeded = NoiseSettings(4, 1.0, seed=7, secure=True), NoiseSettings(4, 1.0, seed=7)
 
     first, second = (secure.generator(1).normal(size=8) for _ in range(2))
@@ -78,4 +76,3 @@ def test_secure_noise_differs_between_same_seed_runs_and_seeded_noise_reproduces
     assert described["noise_source"] == "os-entropy"
     seeded = json.loads((runs["false", "a"] / "privacy.json").read_text())
     assert seeded["noise_reproducible_from_seed"] is True and seeded["noise_source"] == "seed"
-

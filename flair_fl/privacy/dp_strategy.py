@@ -13,8 +13,8 @@ wrapped strategy returns, i.e. *after* FedAdam's step (whose per-user sensitivit
 C/cohort, so the guarantee does not hold); they skip aggregation if any client failed;
 their noise is calibrated for uniform weights but not enforced; they draw noise from the
 global numpy RNG (neither reproducible from the run's seed nor keyed from the OS); and the
-adaptive variant calibrates the noise with the clip norm of the *next* round and moves the norm away from
-the requested quantile (its formula uses the clipped fraction; see tests).
+adaptive variant calibrates the noise with the clip norm of the *next* round and moves the
+norm away from the requested quantile (its formula uses the clipped fraction; see tests).
 """
 
 from __future__ import annotations
