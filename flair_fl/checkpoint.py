@@ -6,6 +6,9 @@ variate), the privacy mechanism's state (clip norm, accountant progress), the be
 bookkeeping and the config. Client-side RNGs need no saving: every draw derives from
 (seed, round, user). Files are written to a temporary name and renamed, so a kill during a
 write leaves the previous checkpoint intact.
+
+A checkpoint is data, never code: it holds tensors and plain values only (flair_fl.safe_load)
+and is loaded with `torch.load(weights_only=True)`, so a planted pickle cannot run on resume.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from flair_fl.config_checks import ConfigError
 from flair_fl.durable import write_atomically
 from flair_fl.federated.strategies import Scaffold, ServerOptimizer
+from flair_fl.safe_load import from_plain, load_plain, to_plain
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # Keys that may differ between a run and its resumption (they do not change results).
@@ -34,6 +38,16 @@ NEUTRAL_KEYS = (
     "eval.batch_size",
     "sweep_continue_on_error",
 )
+# What every checkpoint holds, and the type of each (checked on load, before use).
+CHECKPOINT_KEYS = {
+    "round": int,
+    "arrays": dict,
+    "strategy": dict,
+    "privacy": dict,
+    "tracker": dict,
+    "initial_val": dict,
+    "config": dict,
+}
 _STRATEGY_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "control", "current_arrays")
 
 
@@ -44,6 +58,11 @@ def atomic_save(obj: Any, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_atomically(path, buffer.getvalue())
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Save a checkpoint (tensors and plain values; numpy and ArrayRecords tagged)."""
+    atomic_save(to_plain(state, "checkpoint"), path)
 
 
 def strategy_state(strategy: Any) -> dict[str, Any]:
@@ -86,8 +105,17 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
             f"resume={run_dir}: no {CHECKPOINT_NAME} there (a run writes one every "
             "`checkpoint_every` rounds and at the end)"
         )
-    checkpoint: dict[str, Any] = torch.load(path, weights_only=False)
-    return checkpoint
+    checkpoint = load_plain(path, f"resume={run_dir}: checkpoint")
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"resume={run_dir}: {path} is not a flair-fl checkpoint")
+    for key, kind in CHECKPOINT_KEYS.items():
+        if not isinstance(checkpoint.get(key), kind) or isinstance(checkpoint.get(key), bool):
+            raise ConfigError(
+                f"resume={run_dir}: {path} is not a flair-fl checkpoint ('{key}' is missing "
+                f"or not a {kind.__name__})"
+            )
+    state: dict[str, Any] = from_plain(checkpoint)
+    return state
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -19,10 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from flair_fl.checkpoint import (
     CHECKPOINT_NAME,
-    atomic_save,
     differing_keys,
     load_checkpoint,
     load_strategy_state,
+    save_checkpoint,
     strategy_state,
 )
 from flair_fl.config_checks import ConfigError, validate_run_config
@@ -247,7 +247,7 @@ def _checkpointer(
     config.pop("resume", None)
 
     def save(server_round: int, arrays: ArrayRecord) -> None:
-        atomic_save(
+        save_checkpoint(
             {
                 "round": server_round,
                 "arrays": dict(arrays.to_torch_state_dict()),

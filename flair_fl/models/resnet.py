@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
+from flair_fl.config_checks import ConfigError
+from flair_fl.safe_load import load_state_dict_file
+
 HOW_TO_GET_WEIGHTS = (
     "On a machine with internet access run\n"
     '  python -c "import torch, torchvision; torch.save(torchvision.models.resnet18('
@@ -53,12 +56,15 @@ def resnet18_groupnorm(num_classes: int, groups: int = 32) -> nn.Module:
 
 def _load_weights(pretrained: str) -> dict[str, torch.Tensor]:
     path = Path(pretrained).expanduser()
-    if path.is_file():
-        state: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)
-        return state
-    if pretrained.upper() in ("IMAGENET", "IMAGENET1K_V1", "DEFAULT"):
+    if path.is_file():  # data only: a pickled object (a whole model, a payload) is refused
         try:
-            return dict(ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False))
+            return load_state_dict_file(path, "model.pretrained file")
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+    if pretrained.upper() in ("IMAGENET", "IMAGENET1K_V1", "DEFAULT"):
+        try:  # weights_only and the hash in the file name checked, whatever torch's default
+            weights = ResNet18_Weights.IMAGENET1K_V1
+            return dict(weights.get_state_dict(progress=False, weights_only=True, check_hash=True))
         except Exception as err:  # offline: urllib / SSL / OS errors
             raise FileNotFoundError(
                 f"model.pretrained={pretrained}: could not download torchvision's "
@@ -74,7 +80,10 @@ def resnet18_pretrained(num_classes: int, pretrained: str = "imagenet") -> nn.Mo
     BatchNorm frozen, and a new `num_classes` head."""
     model = resnet18(num_classes=1000, norm_layer=FrozenBatchNorm2d)
     state = _load_weights(pretrained)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that do not fit ResNet18's
+        missing, unexpected = [str(err).splitlines()[-1].strip()], []
     if missing or unexpected:
         raise ValueError(
             f"model.pretrained={pretrained}: not a torchvision ResNet18 state dict "
