@@ -28,6 +28,7 @@ from flair_fl.data.release import (
     APPLE_BASE_URL,
     HF_ENDPOINT,
     HF_REPO,
+    dataset_root,
     download_flair,
     download_hub_parquet,
 )
@@ -59,7 +60,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def read_sha256sums(path: Path) -> dict[str, str]:
     """{file name: digest} from `sha256sum` output lines (`<hex>  <name>`)."""
     sums: dict[str, str] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise FlairFormatError(f"--sha256sums {path}: cannot be read ({reason})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         parts = line.split()
         if len(parts) != 2 or len(parts[0]) != 64:
             raise FlairFormatError(f"{path}: line {number} is not `<sha256>  <file>`: {line!r}")
@@ -88,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  python scripts/prepare_flair.py --parquet {args.dataset_dir} --output FILE")
             return 0
         if args.raw:
-            args.dataset_dir.mkdir(parents=True, exist_ok=True)
+            dataset_root(args.dataset_dir)
             free = shutil.disk_usage(args.dataset_dir).free / 1e12
             print(f"{'!' * 80}\n--raw: {free:.2f} TB free in {args.dataset_dir}", file=sys.stderr)
         checksums = read_sha256sums(args.sha256sums) if args.sha256sums else None
@@ -104,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (DownloadError, FlairFormatError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # anything else the file system refused: one line, the file named
+        print(f"error: {err.filename or args.dataset_dir}: {err.strerror or err}", file=sys.stderr)
         return 2
     print(
         f"FLAIR in {summary.dataset_dir}: {summary.images} images of {summary.users} users "

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from flair_fl.data import download as download_module
+from flair_fl.data.archive import UnsafeArchiveError
 from flair_fl.data.download import DownloadError, RetryPolicy
 from flair_fl.data.prepare import prepare_flair
 from flair_fl.data.raw import IMAGE_DIR, METADATA_FILE, RELATIONSHIP_FILE
@@ -23,7 +24,6 @@ from flair_fl.data.release import (
     MANIFEST,
     NUM_ARCHIVES,
     RAW_WARNING,
-    UnsafeArchiveError,
     download_flair,
 )
 from tests.h5_contents import hdf5_contents

@@ -11,6 +11,7 @@ publisher gives one, the SHA-256 digest.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import logging
@@ -21,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,17 @@ RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 class DownloadError(RuntimeError):
     """A file could not be downloaded or failed its checks."""
+
+
+class DiskFullError(DownloadError):
+    """A download could not be written: the disk (or quota, or file size limit) is full."""
+
+    def __init__(self, path: Path, err: OSError):
+        super().__init__(f"{path}: could not be written ({err.strerror or err})")
+        self.path = path
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class _Transient(Exception):
@@ -88,6 +100,17 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def inside(root: Path, name: str) -> Path:
+    """`root / name`, refused unless it resolves to a path inside `root` (names come from
+    listings and archives: outside input)."""
+    target = (root / name).resolve()
+    if not name or Path(name).is_absolute() or not target.is_relative_to(root.resolve()):
+        raise DownloadError(f"{name!r}: refused, it would be written outside {root}")
+    if target == root.resolve():
+        raise DownloadError(f"{name!r}: refused, not a file name inside {root}")
+    return root / name
+
+
 def fetch_all(
     files: Sequence[RemoteFile],
     dest_dir: Path,
@@ -99,7 +122,8 @@ def fetch_all(
     """Download `files` into `dest_dir`, `workers` at a time; files already there are kept.
 
     Every file is attempted; if any fails, one DownloadError lists them all (finished files
-    stay, partial ones resume on the next run).
+    stay, partial ones resume on the next run). A full disk stops the files not yet started
+    and is reported once, naming the first file that did not fit.
     """
     policy = policy or RetryPolicy()
     bar = tqdm(desc="download", unit="B", unit_scale=True, unit_divisor=1024, disable=not progress)
@@ -109,12 +133,36 @@ def fetch_all(
             futures = [
                 pool.submit(fetch, f, dest_dir, policy, shared, headers or {}) for f in files
             ]
-            errors = [err for fut in futures if (err := fut.exception()) is not None]
+            errors = []
+            for future in as_completed(futures):
+                try:
+                    err = future.exception()
+                except CancelledError:
+                    continue
+                if err is not None:
+                    errors.append(err)
+                if isinstance(err, DiskFullError):
+                    for pending in futures:
+                        pending.cancel()  # those not started: they would fail the same way
     finally:
         bar.close()
     if errors:
-        raise DownloadError("\n".join(str(err) for err in errors))
+        raise _combined(errors, dest_dir)
     return [dest_dir / f.name for f in files]
+
+
+def _combined(errors: list[BaseException], dest_dir: Path) -> DownloadError:
+    """One error for all: a full disk once (naming the first file), the others one a line."""
+    full = [err for err in errors if isinstance(err, DiskFullError)]
+    lines = [str(err) for err in errors if not isinstance(err, DiskFullError)]
+    if full:
+        others = f" (and {len(full) - 1} more file(s))" if len(full) > 1 else ""
+        lines.insert(
+            0,
+            f"the disk is full: {full[0].path} could not be written{others}; free some space "
+            f"in {dest_dir} and run again (finished files are kept, partial ones resume)",
+        )
+    return DownloadError("\n".join(lines))
 
 
 def fetch(
@@ -125,7 +173,7 @@ def fetch(
     headers: dict[str, str] | None = None,
 ) -> Path:
     """Download one file (resuming, retrying, verifying) and return its path."""
-    final = dest_dir / remote.name
+    final = inside(dest_dir, remote.name)
     if final.is_file():
         _verify(remote, final, final.stat().st_size, delete_on_mismatch=False)
         return final
@@ -219,18 +267,25 @@ class _Transfer:
         return size
 
     def _stream(self, response: http.client.HTTPResponse, offset: int) -> None:
-        with self.part.open("ab" if offset else "wb") as out:
-            written = offset
-            while True:
-                try:
-                    chunk = response.read(BLOCK)
-                except (http.client.HTTPException, OSError) as err:  # not write errors
-                    raise _Transient(f"transfer interrupted after {written} bytes ({err})") from err
-                if not chunk:
-                    return
-                out.write(chunk)
-                written += len(chunk)
-                self._count(written)
+        try:  # write errors (a full disk) name the file; read errors are retried
+            with self.part.open("ab" if offset else "wb", buffering=0) as out:
+                written = offset
+                while True:
+                    try:
+                        chunk = response.read(BLOCK)
+                    except (http.client.HTTPException, OSError) as err:
+                        raise _Transient(
+                            f"transfer interrupted after {written} bytes ({err})"
+                        ) from err
+                    if not chunk:
+                        return
+                    view = memoryview(chunk)
+                    while view:  # unbuffered: a short write leaves the rest to write
+                        view = view[out.write(view) :]
+                    written += len(chunk)
+                    self._count(written)
+        except OSError as err:
+            raise _write_failed(self.part, err) from None
 
     def _http_error(self, err: urllib.error.HTTPError, offset: int) -> int:
         if err.code == 416 and offset:  # range past the end: the part may be complete
@@ -254,6 +309,12 @@ class _Transfer:
         if self.progress and on_disk > self.counted:
             self.progress.advance(on_disk - self.counted)
             self.counted = on_disk
+
+
+def _write_failed(path: Path, err: OSError) -> DownloadError:
+    if err.errno in _NO_SPACE:
+        return DiskFullError(path, err)
+    return DownloadError(f"{path}: could not be written ({err.strerror or err})")
 
 
 def _content_range(value: str) -> tuple[int | None, int | None]:

@@ -17,49 +17,44 @@ digests (Git LFS object ids) by the Hub's tree API, so each is verified by diges
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
-import shutil
-import tarfile
+import re
 import time
 import urllib.error
 import urllib.request
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote, urljoin
 
+from flair_fl.data.archive import ExtractLimits, safe_extract
 from flair_fl.data.download import (
-    BLOCK,
     RETRY_STATUS,
     DownloadError,
     RemoteFile,
     RetryPolicy,
     fetch_all,
 )
-from flair_fl.data.raw import load_raw_flair
+from flair_fl.data.raw import IMAGE_DIR, load_raw_flair
 
 log = logging.getLogger(__name__)
 APPLE_BASE_URL = "https://docs-assets.developer.apple.com/ml-research/datasets/flair/"
 NUM_ARCHIVES = 43
 LABEL_PATHS = ("labels/labels_and_metadata.json", "labels/label_relationship.txt")
 SMALL_ARCHIVE = "images/small/small_images-{:02d}.tar.gz"
+RAW_IMAGE_DIR = "raw_images"  # where the raw archives' originals go
 RAW_ARCHIVE = "images/raw/images-{:02d}.tar.gz"
 MANIFEST = ".flair_fl_download.json"  # archives already extracted (they may be deleted)
 HF_ENDPOINT, HF_REPO = "https://huggingface.co", "apple/flair"
+HF_SHARD = re.compile(r"data/(train|val|test)-\d{5}-of-\d{5}\.parquet")  # apple/flair's files
 RAW_WARNING = (
     "WARNING: --raw also downloads FLAIR's full-size original images: 43 more archives, about "
     "1.2 TB once extracted (plus each archive while it is extracted). Training uses only the "
     "256 px small images; stop now (Ctrl-C) unless you need the originals."
 )
-
-
-class UnsafeArchiveError(DownloadError):
-    """An archive member would escape the dataset directory or is not a plain file/dir."""
 
 
 @dataclass(frozen=True)
@@ -100,14 +95,14 @@ def download_flair(
     checksums: Mapping[str, str] | None = None,
     policy: RetryPolicy | None = None,
     progress: bool = True,
+    limits: ExtractLimits | None = None,
 ) -> DownloadSummary:
     """Download and extract Apple's FLAIR release into `dataset_dir` (resumable).
 
     Archives already extracted by an earlier run (recorded in `.flair_fl_download.json`)
-    are skipped; everything else resumes where it stopped.
+    are skipped; everything else resumes where it stopped. Extraction: flair_fl.data.archive.
     """
-    root = Path(dataset_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    root = dataset_root(dataset_dir)
     if raw:
         log.warning(RAW_WARNING)
     labels, archives = release_files(base_url, raw, checksums)
@@ -115,7 +110,8 @@ def download_flair(
     pending = [a for a in archives if a.name not in done]
     fetch_all([*labels, *pending], root, workers, policy, progress)
     for archive in pending:
-        done[archive.name] = safe_extract(root / archive.name, root)
+        image_dir = IMAGE_DIR if archive.name.startswith("small_images") else RAW_IMAGE_DIR
+        done[archive.name] = safe_extract(root / archive.name, root, image_dir, limits)
         _write_manifest(root, done)
         if not keep_archives:
             (root / archive.name).unlink()
@@ -123,81 +119,32 @@ def download_flair(
     return DownloadSummary(root, len(flair.records), len(flair.users()), len(pending))
 
 
-def safe_extract(archive: Path, dest: Path) -> int:
-    """Extract a .tar(.gz) into `dest`; returns the number of files.
-
-    Members must be regular files or directories with relative names (absolute paths, links
-    and devices are rejected) and pass Python's `data` tar filter (nothing outside `dest`). They
-    are extracted into a staging directory inside `dest` and moved into place only when the
-    whole archive passed, so a rejected or damaged archive leaves nothing behind.
-    """
-    staging = dest / f".extracting-{archive.name}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+def dataset_root(dataset_dir: str | Path) -> Path:
+    """The dataset directory, made if missing; a file there is refused in one line."""
+    root = Path(dataset_dir)
+    if root.exists() and not root.is_dir():
+        raise DownloadError(f"--dataset-dir {root}: exists and is not a directory")
     try:
-        opener = gzip.open if archive.name.endswith(".gz") else open
-        with opener(archive, "rb") as stream:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                tar.extractall(staging, filter=_plain_members_only)
-            while stream.read(BLOCK):  # to the gzip trailer: checks its CRC-32 and length
-                pass
-        return _merge(staging, dest)
-    except (tarfile.FilterError, UnsafeArchiveError) as err:
-        raise UnsafeArchiveError(
-            f"{archive}: unsafe archive, rejected ({err}); nothing from it was extracted"
-        ) from err
-    except (
-        tarfile.ReadError,
-        tarfile.CompressionError,
-        gzip.BadGzipFile,
-        EOFError,
-        zlib.error,
-    ) as err:
-        archive.unlink(missing_ok=True)
-        raise DownloadError(
-            f"{archive}: damaged archive ({err}); deleted it, run again to download it again"
-        ) from err
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _plain_members_only(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
-    if member.name.startswith(("/", "\\")) or os.path.isabs(member.name):
-        # The data filter would strip the slash and extract inside `dest`; FLAIR's archives
-        # never hold absolute names, so one is a sign of a wrong or tampered archive.
-        raise UnsafeArchiveError(f"member {member.name!r} has an absolute path")
-    if not (member.isfile() or member.isdir()):
-        kind = (
-            "symbolic link"
-            if member.issym()
-            else "hard link"
-            if member.islnk()
-            else "device"
-            if member.isdev()
-            else "special file"
-        )
-        raise UnsafeArchiveError(
-            f"member {member.name!r} is a {kind}; FLAIR archives hold only files and directories"
-        )
-    return tarfile.data_filter(member, dest)
-
-
-def _merge(staging: Path, dest: Path) -> int:
-    """Move staged files into `dest` (directories merged; parents sort before children)."""
-    files = 0
-    for path in sorted(staging.rglob("*")):
-        target = dest / path.relative_to(staging)
-        if path.is_dir():
-            target.mkdir(exist_ok=True)
-        else:
-            os.replace(path, target)
-            files += 1
-    return files
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DownloadError(f"--dataset-dir {root}: cannot be created ({err.strerror})") from None
+    return root
 
 
 def _read_manifest(root: Path) -> dict[str, int]:
+    """Archives extracted so far; a damaged manifest counts as none (re-extracting an
+    archive over its own identical files is safe)."""
     path = root / MANIFEST
-    return dict(json.loads(path.read_text())) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        done = None
+    if not isinstance(done, dict) or not all(isinstance(v, int) for v in done.values()):
+        log.warning("%s: damaged, every archive is extracted again", path)
+        return {}
+    return {str(k): v for k, v in done.items()}
 
 
 def _write_manifest(root: Path, done: dict[str, int]) -> None:
@@ -223,20 +170,35 @@ def hub_parquet_files(
     while url:
         entries, url = _get_json_page(url, dict(headers or {}), policy or RetryPolicy())
         for entry in entries:
-            path = str(entry.get("path", ""))
-            if entry.get("type") == "file" and path.endswith(".parquet"):
-                lfs = entry.get("lfs") or {}
-                files.append(
-                    RemoteFile(
-                        f"{base}/datasets/{repo}/resolve/{quote(revision, safe='')}/{quote(path)}",
-                        path,
-                        size=int(entry["size"]),
-                        sha256=lfs.get("oid"),
-                    )
-                )
+            path = str(entry.get("path", "")) if isinstance(entry, dict) else ""
+            if (
+                isinstance(entry, dict)
+                and entry.get("type") == "file"
+                and path.endswith(".parquet")
+            ):
+                files.append(_hub_file(entry, f"{base}/datasets/{repo}", revision))
     if not files:
         raise DownloadError(f"{base}/datasets/{repo} (revision {revision}) lists no parquet files")
     return sorted(files, key=lambda f: f.name)
+
+
+def _hub_file(entry: dict[str, Any], repo_url: str, revision: str) -> RemoteFile:
+    """A listed parquet file; the listing is outside input, so its `path` (the local name)
+    must be one of apple/flair's shard names and its size a number."""
+    path = str(entry["path"])
+    if not HF_SHARD.fullmatch(path):
+        raise DownloadError(
+            f"{repo_url}: listing entry {path!r} refused: not one of apple/flair's shard names "
+            "(data/<train|val|test>-NNNNN-of-NNNNN.parquet)"
+        )
+    size, lfs = entry.get("size"), entry.get("lfs") or {}
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise DownloadError(f"{repo_url}: listing entry {path!r} has no valid size ({size!r})")
+    digest = lfs.get("oid") if isinstance(lfs, dict) else None
+    if digest is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", str(digest)):
+        raise DownloadError(f"{repo_url}: listing entry {path!r} has no valid SHA-256 ({digest!r})")
+    url = f"{repo_url}/resolve/{quote(revision, safe='')}/{quote(path)}"
+    return RemoteFile(url, path, size=size, sha256=digest)
 
 
 def download_hub_parquet(
@@ -251,8 +213,9 @@ def download_hub_parquet(
 ) -> list[Path]:
     """Download the parquet files of `apple/flair` (verified by SHA-256) into `dataset_dir`."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    root = dataset_root(dataset_dir)
     files = hub_parquet_files(endpoint, repo, revision, headers, policy)
-    return fetch_all(files, Path(dataset_dir), workers, policy, progress, headers)
+    return fetch_all(files, root, workers, policy, progress, headers)
 
 
 def _get_json_page(
