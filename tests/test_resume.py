@@ -90,7 +90,8 @@ def test_killed_and_resumed_run_equals_uninterrupted(
 
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
     path = tmp_path / CHECKPOINT_NAME
-    atomic_save({"round": 3, "config": {}}, path)
+    keys = ("arrays", "strategy", "privacy", "tracker", "initial_val", "config")
+    atomic_save({"round": 3, **{key: {} for key in keys}}, path)
 
     class Unpicklable:
         def __reduce__(self) -> object:
