@@ -44,7 +44,7 @@ from flair_fl.federated.client_app import (
     make_client_app,
 )
 from flair_fl.federated.faults import FaultSpec
-from flair_fl.federated.sampling import CohortSampler, derive_seed
+from flair_fl.federated.sampling import CohortSampler, Sampler, derive_seed
 from flair_fl.federated.schedule import ScheduledServerLR, ServerLRSchedule
 from flair_fl.federated.server_app import LoopOutcome, RoundPlan, make_server_app
 from flair_fl.federated.simulation import run_simulation
@@ -278,7 +278,7 @@ def _round_plan(
         transport=transport,
         min_replies=int(cfg.get("min_replies", 1)),
         num_rounds=cfg.num_rounds,
-        sampler=CohortSampler(train_users, cfg.cohort_size, cfg.seed),
+        sampler=_sampler(cfg, train_users),
         round_timeout=float(cfg.simulation.round_timeout),
         base_config={"seed": cfg.seed},
         fed_eval_sampler=CohortSampler(users_val, fed_cohort, cfg.seed) if fed_cohort else None,
@@ -286,6 +286,16 @@ def _round_plan(
         num_supernodes=cfg.simulation.num_supernodes,
         should_stop=privacy.stop_reason,
     )
+
+
+def _sampler(cfg: DictConfig, train_users: list[str]) -> Sampler:
+    """The configured cohort sampler (`sampler` group) over the train users."""
+    factory = build(cfg.sampler, "sampler")
+    try:
+        sampler: Sampler = factory(train_users, cfg.cohort_size, cfg.seed)
+    except ValueError as err:
+        raise ConfigError(f"sampler: {err}") from None
+    return sampler
 
 
 def _report_privacy(privacy: Privacy, out: Path) -> None:

@@ -114,12 +114,12 @@ def test_warmup_decay_schedule_values_and_server_lr_applied() -> None:
     schedule = ServerLRSchedule(
         num_rounds=130, kind="warmup_decay", warmup_rounds=30, final_factor=0.02
     )
-    assert schedule.factor(1) == pytest.approx(1 / 30)
-    assert schedule.factor(15) == pytest.approx(0.5)
-    assert schedule.factor(30) == pytest.approx(1.0)
-    assert schedule.factor(80) == pytest.approx(1 - 0.98 * 0.5)
-    assert schedule.factor(130) == pytest.approx(0.02)
-    assert ServerLRSchedule(num_rounds=10).factor(7) == 1.0
+    assert schedule.lr(1, 1.0) == pytest.approx(1 / 30)
+    assert schedule.lr(15, 1.0) == pytest.approx(0.5)
+    assert schedule.lr(30, 1.0) == pytest.approx(1.0)
+    assert schedule.lr(80, 1.0) == pytest.approx(1 - 0.98 * 0.5)
+    assert schedule.lr(130, 1.0) == pytest.approx(0.02)
+    assert ServerLRSchedule(num_rounds=10).lr(7, 1.0) == 1.0
 
     strategy = FedYogi(eta=0.2, **_kwargs())
     scheduled = ScheduledServerLR(strategy, schedule)

@@ -180,6 +180,8 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
     loaded = time.perf_counter()
     before = trainable_state(runtime.model) if control else {}  # SCAFFOLD only
     seed = derive_seed(spec.seed, "client", server_round, user_id)
+    if repeat := int(str(config.get("user-repeat", 0))):  # drawn again (with replacement)
+        seed = derive_seed(spec.seed, "client", server_round, user_id, repeat)
     dataset = train_images(spec, runtime.reader, user_id, seed, runtime.device)
     torch.manual_seed(seed)  # anything else drawing from torch's global RNG
     generator = torch.Generator().manual_seed(seed)

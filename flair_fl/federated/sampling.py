@@ -1,8 +1,14 @@
-"""Seeded cohort sampling: which FLAIR users train in which round."""
+"""Seeded cohort sampling: which FLAIR users train in which round.
+
+Samplers are config nodes (`sampler=...`, conf/sampler/): a `_partial_` factory the run
+calls with `(user_ids, cohort_size, seed)`. Every draw depends only on (seed, purpose,
+round), so a resumed run draws the same users and a sampler keeps no state.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from typing import Protocol
 
 import numpy as np
 
@@ -13,11 +19,31 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-class CohortSampler:
-    """Samples `cohort_size` users without replacement for each round.
+def repeat_indices(users: list[str]) -> list[int]:
+    """For each cohort member, how many times its user came before it in the cohort
+    (0 for a first draw): a repeated user trains again with its own client seed."""
+    seen: dict[str, int] = {}
+    repeats = []
+    for user in users:
+        repeats.append(seen.get(user, 0))
+        seen[user] = repeats[-1] + 1
+    return repeats
 
-    The draw for round r depends only on (seed, r), so a resumed run draws the same users,
-    and costs O(cohort) per round however large the population.
+
+class Sampler(Protocol):
+    """What the round loop asks of a sampler."""
+
+    cohort_size: int
+
+    def sample(self, server_round: int, purpose: str = "train") -> list[str]:
+        """The users of round `server_round` (a user may repeat if the sampler allows it)."""
+        ...
+
+
+class CohortSampler:
+    """Samples `cohort_size` distinct users for each round (`sampler=without_replacement`).
+
+    Costs O(cohort) per round however large the population.
     """
 
     def __init__(self, user_ids: list[str], cohort_size: int, seed: int):
@@ -25,8 +51,11 @@ class CohortSampler:
             raise ValueError(f"cohort_size must be in [1, {len(user_ids)}], got {cohort_size}")
         self.user_ids, self.cohort_size, self.seed = user_ids, cohort_size, seed
 
+    def _rng(self, server_round: int, purpose: str) -> np.random.Generator:
+        return np.random.default_rng(derive_seed(self.seed, purpose, server_round))
+
     def sample(self, server_round: int, purpose: str = "train") -> list[str]:
-        rng = np.random.default_rng(derive_seed(self.seed, purpose, server_round))
+        rng = self._rng(server_round, purpose)
         picked: set[int] = set()
         n = len(self.user_ids)
         while len(picked) < self.cohort_size:  # rejection sampling: O(cohort) for cohort << n
@@ -34,3 +63,16 @@ class CohortSampler:
         order = sorted(picked)
         rng.shuffle(order)
         return [self.user_ids[i] for i in order]
+
+
+class WithReplacementSampler(CohortSampler):
+    """pfl-research's cohort sampling (`sampler=with_replacement`): each of the
+    `cohort_size` members is drawn independently and uniformly from all users, so a user
+    can appear more than once in a round (pfl: `get_user_sampler('random', user_ids)`,
+    `user_ids[np.random.randint(0, len(user_ids))]` per member). A repeated user trains
+    again from the same global model, with its own data order (client seed per repeat).
+    """
+
+    def sample(self, server_round: int, purpose: str = "train") -> list[str]:
+        draws = self._rng(server_round, purpose).integers(0, len(self.user_ids), self.cohort_size)
+        return [self.user_ids[i] for i in draws.tolist()]

@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flair_fl.federated.client_app import ARRAYS_KEY, CONFIG_KEY, META_KEY, METRICS_KEY
 from flair_fl.federated.reduce import MeanReduction, MetricsReduction, Reduction
-from flair_fl.federated.sampling import CohortSampler
+from flair_fl.federated.sampling import Sampler, repeat_indices
 from flair_fl.federated.transport import MessageTransport
 from flair_fl.memory import peak_rss_mb
 
@@ -51,15 +51,17 @@ class RoundPlan:
     """What the loop runs."""
 
     num_rounds: int
-    sampler: CohortSampler
+    sampler: Sampler
     round_timeout: float = 3600.0
     base_config: dict[str, Any] = field(default_factory=dict)
-    fed_eval_sampler: CohortSampler | None = None  # federated evaluation on val users
+    fed_eval_sampler: Sampler | None = None  # federated evaluation on val users
     fed_eval_every: int = 0
     num_supernodes: int = 1
     # Asked before each round; a returned reason (e.g. privacy budget spent) ends the run.
     should_stop: Callable[[int], str | None] | None = None
-    before_round: Callable[[int], None] | None = None  # e.g. set the server learning rate
+    # Called before each round, e.g. to set the server learning rate; a number it returns
+    # is logged as the round's `server_lr`.
+    before_round: Callable[[int], float | None] | None = None
     transport: MessageTransport = field(default_factory=MessageTransport)
     min_replies: int = 1  # fewer usable updates: the round is skipped (model unchanged)
     poll_interval: float = 0.005  # seconds between polls for replies
@@ -84,10 +86,11 @@ def _cohort_messages(
     message_type: str,
 ) -> list[Message]:
     messages = []
-    for index, user in enumerate(users):
-        content = RecordDict(
-            {CONFIG_KEY: ConfigRecord({**config, "user-id": user, "cohort-index": index})}
-        )
+    for index, (user, repeat) in enumerate(zip(users, repeat_indices(users), strict=True)):
+        entry = {**config, "user-id": user, "cohort-index": index}
+        if repeat:  # a sampler with replacement drew this user again
+            entry["user-repeat"] = repeat
+        content = RecordDict({CONFIG_KEY: ConfigRecord(entry)})
         if arrays is not None:
             content[ARRAYS_KEY] = arrays
         messages.append(
@@ -230,8 +233,7 @@ def run_rounds(
             log.warning("stopping before round %d: %s", server_round, reason)
             break
         started = time.perf_counter()
-        if plan.before_round:
-            plan.before_round(server_round)
+        server_lr = plan.before_round(server_round) if plan.before_round else None
         users = plan.sampler.sample(server_round)
         sampled = time.perf_counter()
         # The strategy's own configure_train keeps its state right (FedOpt remembers the
@@ -293,6 +295,7 @@ def run_rounds(
             "clients_failed": plan.sampler.cohort_size - ok,
             **{f"clients_{kind}": n for kind, n in fold.failures.items()},
             "round_skipped": int(skipped),
+            **({} if server_lr is None else {"server_lr": server_lr}),
             "time_sample_s": sampled - started,
             "time_send_s": sent - sampled,
             "time_wait_s": received - sent - fold.busy_s,

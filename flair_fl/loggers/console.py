@@ -14,7 +14,7 @@ def _duration(seconds: float) -> str:
 
 
 class ConsoleProgress:
-    """Prints `round r/N | train loss | val AP | elapsed | ETA` lines.
+    """Prints `round r/N | train loss | val AP | server lr | eps | elapsed | ETA` lines.
 
     The ETA extrapolates the mean duration of the rounds after the first one (which pays
     for Ray's actor start-up), so it is right from round 2 on.
@@ -41,8 +41,12 @@ class ConsoleProgress:
             parts.append(
                 f"val macro AP {metrics['val_macro_ap']:.4f} micro AP {metrics['val_micro_ap']:.4f}"
             )
+        if "server_lr" in metrics:
+            parts.append(f"server lr {metrics['server_lr']:.4g}")
         if "dp_epsilon" in metrics:
             parts.append(f"eps {metrics['dp_epsilon']:.3g}")
+        if "dp_sgd_epsilon" in metrics:  # sample-level: the worst user's, composed so far
+            parts.append(f"DP-SGD eps {metrics['dp_sgd_epsilon']:.3g}")
         if metrics.get("clients_failed"):
             parts.append(f"failed clients {metrics['clients_failed']}")
         parts.append(f"elapsed {_duration(elapsed)} ETA {eta}")
