@@ -66,6 +66,12 @@ def validate_run_config(cfg: DictConfig, num_train_users: int | None = None) -> 
     if "actor_start_timeout" in cfg.simulation:
         _require(cfg, "simulation.actor_start_timeout", number, 0)
     _require(cfg, "min_replies", int, 1, cfg.cohort_size)
+    _require(cfg, "server_lr_schedule.warmup_rounds", int, 0)
+    _require(cfg, "server_lr_schedule.final_factor", number, 0, 1)
+    if "lr_end" in cfg.server_lr_schedule:  # polynomial_decay_with_warmup
+        _require(cfg, "server_lr_schedule.lr_end", number, 0)
+        _require(cfg, "server_lr_schedule.training_steps", int, 1, allow_none=True)
+        _require(cfg, "server_lr_schedule.power", number, 0, low_inclusive=False)
     if cfg.client.get("precision", "fp32") not in ("fp32", "bf16"):
         raise ConfigError(f"client.precision={cfg.client.precision!r}: expected fp32 or bf16")
     if "faults" in cfg.client:
