@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 # Out of space, over a quota, or over the file size limit (RLIMIT_FSIZE): "the disk is full".
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class OutputWriteError(OSError):
@@ -26,7 +26,7 @@ class OutputWriteError(OSError):
 def write_error(path: Path, err: OSError) -> OutputWriteError:
     """An `OutputWriteError` for a failed write of `path`, saying why in words."""
     reason = err.strerror or str(err)
-    if err.errno in _NO_SPACE:
+    if err.errno in NO_SPACE:
         reason = f"the disk is full ({reason}); free some space and run again"
     return OutputWriteError(
         err.errno, f"{path}: could not be written: {reason}. Its previous content is kept."

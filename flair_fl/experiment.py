@@ -205,6 +205,7 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
 
     plan = _round_plan(cfg, data, train_users, privacy)
     plan.before_round = lr_schedule.before_round
+    plan.transport.check_room(sum(a.numpy().nbytes for a in initial.values()))
     outcome = LoopOutcome()
     server_app = make_server_app(
         strategy, initial, plan, tracker.on_round, outcome, tracker.on_fed_eval, start_round

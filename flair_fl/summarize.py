@@ -14,6 +14,7 @@ import json
 import math
 import re
 import statistics
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,18 +83,43 @@ def _job_number(path: Path) -> tuple[int, str]:
     return (int(match.group(1)) if match else -1, str(path))
 
 
+def warn(message: str) -> None:
+    print(f"summarize: {message}", file=sys.stderr, flush=True)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    """A job's summary.json, or None if it is missing or cannot be parsed (a torn write)."""
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def find_jobs(sweep_dir: str | Path) -> list[Job]:
     """Every job under `sweep_dir`, in job-number order."""
     jobs = []
     for overrides_path in Path(sweep_dir).rglob(".hydra/overrides.yaml"):
         job_dir = overrides_path.parent.parent
         summary_path, error_path = job_dir / "summary.json", job_dir / "error.txt"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-        error = None
-        if error_path.is_file():
-            lines = error_path.read_text().strip().splitlines()
+        try:
+            overrides = [str(o) for o in yaml.safe_load(overrides_path.read_text()) or []]
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError) as err:
+            warn(f"{overrides_path}: cannot be read ({_first_line(err)}); job skipped")
+            continue
+        summary, error = _read_summary(summary_path), None
+        if summary_path.is_file() and summary is None:
+            error = "summary.json cannot be read (torn or damaged); job counted as failed"
+            warn(f"{summary_path}: cannot be read; the job is counted as failed")
+        elif error_path.is_file():
+            lines = error_path.read_text(errors="replace").strip().splitlines()
             error = lines[-1] if lines else "error.txt is empty"
-        overrides = [str(o) for o in yaml.safe_load(overrides_path.read_text()) or []]
         jobs.append(Job(job_dir, overrides, summary, error))
     return sorted(jobs, key=lambda job: _job_number(job.dir))
 

@@ -27,6 +27,7 @@ from flair_fl.data.raw import FlairFormatError
 if TYPE_CHECKING:  # torch is imported where decoding happens: preparation's CLIs start faster
     import torch
 
+JPEG_MAGIC = b"\xff\xd8\xff"  # start of image, then a marker
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -207,7 +208,13 @@ def load_block(job: BlockJob) -> Block:
                 f"{pixels[0].shape} of other images of user {job.user_id}"
             )
     shape = tuple(pixels[0].shape)
-    if job.keep_encoded:
+    if job.keep_encoded:  # the JPEG store is decoded as JPEG: other formats cannot be read back
+        for data, source in zip(encoded, job.images, strict=True):
+            if not data.startswith(JPEG_MAGIC):
+                raise FlairFormatError(
+                    f"{source.describe()} is not a JPEG (the jpeg store keeps JPEG bytes only; "
+                    "re-encode it, or prepare with --store uint8)"
+                )
         return Block(job.user_id, job.start, shape, encoded=encoded)
     return Block(job.user_id, job.start, shape, pixels=np.stack(pixels))
 

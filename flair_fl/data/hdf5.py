@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from flair_fl.data.targets import (
     split_labels,
     targets_from_strings,
 )
-from flair_fl.data.writer import NUM_IMAGES_INDEX
+from flair_fl.data.writer import CRC_DATASET, NUM_IMAGES_INDEX
 
 log = logging.getLogger(__name__)
 _HANDLES: dict[tuple[str, int], h5py.File] = {}
@@ -234,8 +235,11 @@ class FlairHDF5:
         try:
             yield
         except (OSError, KeyError) as err:
+            checksum = "filter returned failure" in str(err)
             raise FlairFormatError(
-                f"{self.path}: {what} cannot be read ({err}); "
+                f"{self.path}: {what} cannot be read ({err}"
+                + ("; a fletcher32 checksum does not match" if checksum else "")
+                + "); "
                 + DAMAGED
                 + HOW_TO_PREPARE.format(path=self.path)
             ) from err
@@ -379,7 +383,14 @@ class FlairHDF5:
         if h5py.check_vlen_dtype(dataset.dtype) is None:
             return StoredImages(pixels=np.asarray(dataset[selection]))
         names = tuple(f"{self.path}: {name}[{i}]" for i in index)
-        return StoredImages(jpegs=list(dataset[selection]), names=names)
+        jpegs = list(dataset[selection])
+        if CRC_DATASET in user:  # prepared with checksums: HDF5 cannot filter vlen rows
+            for stored, jpeg, where in zip(user[CRC_DATASET][selection], jpegs, names, strict=True):
+                if zlib.crc32(jpeg.tobytes()) != int(stored):
+                    raise FlairFormatError(
+                        f"{where}: the JPEG bytes fail their CRC-32 checksum; " + DAMAGED
+                    )
+        return StoredImages(jpegs=jpegs, names=names)
 
     @cached_property
     def _label_names(self) -> dict[str, dict[int, str]]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from flair_fl.data.decode import BlockJob, ImageSource
 from flair_fl.data.labels import COARSE_LABELS, SPLITS, label_mapping
-from flair_fl.data.raw import FlairFormatError, ImageRecord, check_user_partitions
+from flair_fl.data.raw import FlairFormatError, ImageRecord, check_name, check_user_partitions
 from flair_fl.data.writer import Catalog
 
 LABEL_COLUMNS = ("user_id", "image_id", "labels", "partition", "fine_grained_labels")
@@ -99,11 +99,21 @@ def _image_bytes(file: Path, chunk: int) -> Iterator[list[bytes | None]]:
     """
     reader = _parquet().ParquetFile(file)
     for group in range(reader.num_row_groups):
-        table = reader.read_row_group(group, columns=[IMAGE_COLUMN], use_threads=False)
-        blobs = table.column(IMAGE_COLUMN).combine_chunks().field("bytes").to_pylist()
+        try:
+            table = reader.read_row_group(group, columns=[IMAGE_COLUMN], use_threads=False)
+            blobs = table.column(IMAGE_COLUMN).combine_chunks().field("bytes").to_pylist()
+        except Exception as err:  # pyarrow: ArrowInvalid, OSError, ... for damaged pages
+            raise _damaged(file, f"row group {group}", err) from None
         del table
         for start in range(0, len(blobs), chunk):
             yield blobs[start : start + chunk]
+
+
+def _damaged(file: Path, what: str, err: Exception) -> FlairFormatError:
+    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return FlairFormatError(
+        f"{file}: {what} cannot be read ({reason}); the file is damaged: download it again"
+    )
 
 
 def load_parquet_flair(files: Sequence[Path]) -> ParquetFlair:
@@ -123,7 +133,11 @@ def load_parquet_flair(files: Sequence[Path]) -> ParquetFlair:
                 f"{file}: missing column(s) {missing}; expected apple/flair's columns "
                 f"{[*LABEL_COLUMNS, IMAGE_COLUMN]}"
             )
-        for batch in reader.iter_batches(batch_size=65536, columns=list(LABEL_COLUMNS)):
+        try:
+            batches = list(reader.iter_batches(batch_size=65536, columns=list(LABEL_COLUMNS)))
+        except Exception as err:  # pyarrow: ArrowInvalid, OSError, ... for damaged pages
+            raise _damaged(file, "the label columns", err) from None
+        for batch in batches:
             for row in batch.to_pylist():
                 records.append(_record(row, file, len(records) - file_starts[-1]))
     flair = ParquetFlair(list(files), _catalog(records, files), [], file_starts)
@@ -149,8 +163,8 @@ def _record(row: dict[str, Any], file: Path, index: int) -> ImageRecord:
         if not isinstance(row[name], list) or not all(isinstance(x, str) for x in row[name]):
             raise FlairFormatError(f"{where}: {name} must be a list of strings")
     return ImageRecord(
-        image_id=str(row["image_id"]),  # int64 in parquet, a digit string in the JSON
-        user_id=str(row["user_id"]),
+        image_id=check_name(str(row["image_id"]), "image_id", where),  # int64 here, str in JSON
+        user_id=check_name(str(row["user_id"]), "user_id", where),
         partition=row["partition"],
         labels=tuple(row["labels"]),
         fine_grained_labels=tuple(row["fine_grained_labels"]),

@@ -123,6 +123,18 @@ def load_label_relationship(path: Path) -> dict[str, str]:
     return mapping
 
 
+def check_name(value: str, field: str, where: str) -> str:
+    """`value` (a user or image id) as an HDF5 group name and a file name stem: refused if
+    empty, `.` or `..`, or holding `/`, `\\` or NUL (HDF5 would nest, alias or cut it).
+    Refused rather than mapped: a renamed user would not match the published data."""
+    if value in ("", ".", "..") or any(c in value for c in "/\\\0"):
+        raise FlairFormatError(
+            f"{where}: {field} {value!r} cannot be stored (an id must be non-empty, not '.' or "
+            "'..', and hold no '/', '\\' or NUL)"
+        )
+    return value
+
+
 def _parse_record(raw: object, index: int, path: Path) -> ImageRecord:
     where = f"{path}: record {index}"
     if not isinstance(raw, dict):
@@ -132,6 +144,9 @@ def _parse_record(raw: object, index: int, path: Path) -> ImageRecord:
     for name in REQUIRED_FIELDS:
         if name not in raw:
             raise FlairFormatError(f"{where} is missing field '{name}'")
+    for name in ("user_id", "image_id"):
+        if isinstance(raw[name], bool) or not isinstance(raw[name], str | int):
+            raise FlairFormatError(f"{where}: field '{name}' must be a string, got {raw[name]!r}")
     if raw["partition"] not in SPLITS:
         raise FlairFormatError(
             f"{where} has unknown partition {raw['partition']!r}; expected one of {SPLITS}"
@@ -140,8 +155,8 @@ def _parse_record(raw: object, index: int, path: Path) -> ImageRecord:
         if not isinstance(raw[name], list) or not all(isinstance(x, str) for x in raw[name]):
             raise FlairFormatError(f"{where}: field '{name}' must be a list of strings")
     return ImageRecord(
-        image_id=str(raw["image_id"]),
-        user_id=str(raw["user_id"]),
+        image_id=check_name(str(raw["image_id"]), "image_id", where),
+        user_id=check_name(str(raw["user_id"]), "user_id", where),
         partition=raw["partition"],
         labels=tuple(raw["labels"]),
         fine_grained_labels=tuple(raw["fine_grained_labels"]),

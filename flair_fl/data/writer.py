@@ -10,6 +10,11 @@ Stores: `uint8` (decoded pixels, what pfl-research and ml-flair read) or `jpeg` 
 encoded bytes of each image as a variable-length uint8 array; per-user layouts only; read
 by flair_fl.data.hdf5.FlairHDF5 alone).
 
+With `checksum`, every array dataset carries HDF5's fletcher32 checksum (images chunked one
+per chunk), and the JPEG store, whose variable-length rows HDF5 cannot filter, keeps a CRC-32
+per image in `images_crc32`: a damaged file then fails on read, naming the file and dataset,
+instead of training on changed pixels.
+
 Because the whole structure is written up front, images may arrive in any order (a parquet
 file need not be grouped by user); `finish` checks that every image was written.
 """
@@ -17,6 +22,7 @@ file need not be grouped by user); `finish` checks that every image was written.
 from __future__ import annotations
 
 import json
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,6 +41,7 @@ STORES: tuple[str, ...] = ("uint8", "jpeg")
 NUM_IMAGES_INDEX = "/metadata/flair_fl_num_images"  # our extra: {split: {user: n}}, for speed
 LAYOUT_ATTR, STORE_ATTR = "flair_fl_layout", "flair_fl_store"
 JPEG_DTYPE = h5py.vlen_dtype(np.uint8)
+CRC_DATASET = "images_crc32"  # JPEG store with checksums: zlib.crc32 of each image's bytes
 
 
 @dataclass
@@ -67,9 +74,12 @@ def check_layout_and_store(layout: str, store: str) -> None:
 class HDF5Writer:
     """Fills an open, empty HDF5 file from a catalog and decoded image blocks."""
 
-    def __init__(self, h5: h5py.File, catalog: Catalog, layout: Layout, store: Store):
+    def __init__(
+        self, h5: h5py.File, catalog: Catalog, layout: Layout, store: Store, checksum: bool = False
+    ):
         check_layout_and_store(layout, store)
         self.h5, self.catalog, self.layout, self.store = h5, catalog, layout, store
+        self.checksum = checksum
         self.split_of = {user: records[0].partition for user, records in catalog.users.items()}
         self.written: Counter[str] = Counter()
 
@@ -102,11 +112,15 @@ class HDF5Writer:
             assert block.pixels is not None
             split = self.split_of[block.user_id]
             for record, pixels in zip(records[block.start : end], block.pixels, strict=True):
-                self.h5[f"/{split}/{record.image_id}"].create_dataset("image", data=pixels)
+                group = self.h5[f"/{split}/{record.image_id}"]
+                self._put(group, "image", pixels)
         else:
             images = self._images_dataset(block)
             if block.encoded is not None:
                 _write_encoded(images, block.start, block.encoded)
+                if self.checksum:
+                    crcs = [zlib.crc32(data) for data in block.encoded]
+                    images.parent[CRC_DATASET][block.start : end] = crcs
             else:
                 images[block.start : end] = block.pixels
         self.written[block.user_id] += len(block)
@@ -127,8 +141,13 @@ class HDF5Writer:
             if self.store == "jpeg":
                 images = group.create_dataset("images", shape=(n,), dtype=JPEG_DTYPE)
                 images.attrs["image_shape"] = block.shape
+                if self.checksum:
+                    group.create_dataset(CRC_DATASET, shape=(n,), dtype=np.uint32, fletcher32=True)
             else:
-                images = group.create_dataset("images", shape=(n, *block.shape), dtype=np.uint8)
+                chunks = {"chunks": (1, *block.shape), "fletcher32": True} if self.checksum else {}
+                images = group.create_dataset(
+                    "images", shape=(n, *block.shape), dtype=np.uint8, **chunks
+                )
             return images
         images = group["images"]
         first = tuple(images.attrs["image_shape"]) if self.store == "jpeg" else images.shape[1:]
@@ -139,19 +158,25 @@ class HDF5Writer:
             )
         return images
 
+    def _put(self, group: h5py.Group, name: str, data: np.ndarray) -> None:
+        """A dataset holding `data`, with a fletcher32 checksum when asked (HDF5 filters
+        only non-empty arrays)."""
+        filtered = self.checksum and data.ndim > 0 and data.size > 0
+        group.create_dataset(name, data=data, fletcher32=filtered)
+
     def _per_user_structure(self) -> None:
         num_images: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
         for user_id, records in self.catalog.users.items():
             split = records[0].partition
             group = self.h5.create_group(f"/{split}/{user_id}")
             num_images[split][user_id] = len(records)
-            group["image_ids"] = np.asarray([r.image_id for r in records], dtype="S")
+            self._put(group, "image_ids", np.asarray([r.image_id for r in records], dtype="S"))
             if self.layout == "pfl":
                 self._index_labels(group, records)
             else:
                 for key in ("labels", "fine_grained_labels"):
                     joined = [LABEL_DELIMITER.join(getattr(r, key)) for r in records]
-                    group[key] = np.asarray(joined, dtype="S")
+                    self._put(group, key, np.asarray(joined, dtype="S"))
         self.h5[NUM_IMAGES_INDEX] = json.dumps(num_images)
 
     def _index_labels(self, group: h5py.Group, records: list[ImageRecord]) -> None:
@@ -162,10 +187,9 @@ class HDF5Writer:
             rows = [j for j, r in enumerate(records) for _ in getattr(r, key)]
             cols = [mapping[x] for r in records for x in getattr(r, key)]
             row_type = np.uint16 if len(records) < 2**16 else np.uint32
-            group[f"{key}_row"] = np.asarray(rows, dtype=row_type)
-            group[f"{key}_col"] = np.asarray(
-                cols, dtype=np.uint8 if len(mapping) < 256 else np.uint16
-            )
+            self._put(group, f"{key}_row", np.asarray(rows, dtype=row_type))
+            col_type = np.uint8 if len(mapping) < 256 else np.uint16
+            self._put(group, f"{key}_col", np.asarray(cols, dtype=col_type))
 
     def _central_structure(self) -> None:
         for records in self.catalog.users.values():

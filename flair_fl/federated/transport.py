@@ -135,6 +135,9 @@ class MessageTransport:
     def close(self) -> None:
         """Free everything (nothing here)."""
 
+    def check_room(self, model_bytes: int) -> None:
+        """Raise ConfigError if a round's files cannot fit (nothing to fit here)."""
+
 
 class SharedTransport(MessageTransport):
     """Arrays in files on a RAM-backed file system; messages carry paths (one node only)."""
@@ -182,6 +185,26 @@ class SharedTransport(MessageTransport):
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def check_room(self, model_bytes: int) -> None:
+        """Before Ray starts: reserve (and free) room for the global weights and one client
+        update, so a shared dir too small for them fails now, in one line, naming the fix."""
+        probe = self.dir / "room-check"
+        try:
+            with open(probe, "wb") as handle:
+                os.posix_fallocate(handle.fileno(), 0, 2 * model_bytes)
+        except OSError as err:
+            self.close()
+            from flair_fl.config_checks import ConfigError
+
+            raise ConfigError(
+                f"simulation.shared_dir: {self.dir.parent} has no room for a round's shared "
+                f"files (the global weights and one client update, {2 * model_bytes / 2**20:.0f} "
+                f"MiB: {err.strerror}); free space there, point simulation.shared_dir at a "
+                "larger directory (e.g. /tmp), or use simulation.transport=message"
+            ) from None
+        finally:
+            probe.unlink(missing_ok=True)
 
 
 def _require_one_node() -> None:
