@@ -207,3 +207,56 @@ def test_prepare_cli_writes_the_compact_store(tiny_raw: Path, tmp_path: Path) ->
     assert done.returncode == 0, done.stderr
     assert "jpeg store" in done.stdout and "images/s" in done.stdout
     assert FlairHDF5(tmp_path / "c.h5").store == "jpeg"
+
+
+def _train_user(reader: FlairHDF5, user: str, device: torch.device) -> dict[str, object]:
+    """One client's local training (the client's own data path) from `reader`."""
+    from flair_fl.data.augment import TrainAugment
+    from flair_fl.data.datasets import TrainImages
+    from flair_fl.models.small_cnn import small_cnn
+    from flair_fl.training import LocalTraining, train_local
+
+    data = TrainImages.from_file(
+        reader, user, "coarse", TrainAugment(24), torch.Generator().manual_seed(2), device, 64
+    )
+    torch.manual_seed(0)
+    model = small_cnn(17, width=4)
+    settings = LocalTraining(epochs=2, batch_size=4, lr=0.1)
+    stats = train_local(
+        model, data, settings, device, torch.Generator().manual_seed(1), inputs=data.inputs
+    )
+    return {"stats": stats, "weights": [p.detach().cpu() for p in model.parameters()]}
+
+
+def test_jpeg_store_gives_the_same_training(stores: dict[str, Path]) -> None:
+    # Prepare: the user with most images, on both stores
+    pixels, compact = FlairHDF5(stores["pfl-uint8"]), FlairHDF5(stores["pfl-jpeg"])
+    user = max(pixels.population("train").items(), key=lambda item: item[1])[0]
+
+    # Execute: the compact store's JPEGs are decoded by the batched path, on the CPU
+    runs = [_train_user(reader, user, torch.device("cpu")) for reader in (pixels, compact)]
+
+    # Assert: libjpeg-turbo decodes what preparation stored, so training is identical
+    assert runs[0]["stats"] == runs[1]["stats"]
+    for a, b in zip(runs[0]["weights"], runs[1]["weights"], strict=True):  # type: ignore[call-overload]
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvjpeg_decode_is_close_to_libjpeg(stores: dict[str, Path]) -> None:
+    # Prepare
+    from flair_fl.data.decode import decode_jpegs
+
+    with h5py.File(stores["pfl-jpeg"], "r") as h5:
+        user = next(iter(h5["train"]))
+        encoded = list(h5[f"train/{user}/images"][()])
+
+    # Execute
+    cpu = decode_jpegs(encoded, str, torch.device("cpu"))
+    cuda = decode_jpegs(encoded, str, torch.device("cuda")).cpu()
+
+    # Assert: nvJPEG is not bit-exact with libjpeg-turbo, but close (upsampling, IDCT)
+    assert cuda.shape == cpu.shape and cuda.dtype == torch.uint8
+    difference = (cuda.int() - cpu.int()).abs()
+    assert difference.float().mean() < 1.0 and difference.max() <= 16
