@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,27 +47,24 @@ def sample_crop_boxes(
     Every box costs the same random numbers (all tries are drawn), so one draw does not
     shift the next. `generator` is a CPU generator; the boxes are on the CPU.
     """
-    area = height * width
-    draws = torch.rand(count, TRIES, 2, generator=generator, dtype=torch.float64)
-    positions = torch.rand(count, 2, generator=generator, dtype=torch.float64)
-    target = area * (scale[0] + (scale[1] - scale[0]) * draws[..., 0])
+    # One draw from the generator, then NumPy: a dozen small torch ops per batch would
+    # cost more than the crops' arithmetic.
+    uniform = torch.rand(count, 2 * TRIES + 2, generator=generator, dtype=torch.float64).numpy()
+    draws, positions = uniform[:, : 2 * TRIES].reshape(count, TRIES, 2), uniform[:, 2 * TRIES :]
+    target = height * width * (scale[0] + (scale[1] - scale[0]) * draws[..., 0])
     low, high = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(low + (high - low) * draws[..., 1])
-    # torch.round rounds half to even, as Python's round() in torchvision does.
-    w = torch.round(torch.sqrt(target * aspect)).long()
-    h = torch.round(torch.sqrt(target / aspect)).long()
+    aspect = np.exp(low + (high - low) * draws[..., 1])
+    # np.round rounds half to even, as Python's round() in torchvision does.
+    w = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    h = np.round(np.sqrt(target / aspect)).astype(np.int64)
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.long().argmax(dim=1, keepdim=True)  # index of the first try that fits
-    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-    top = torch.floor(positions[:, 0] * (height - h + 1)).long()
-    left = torch.floor(positions[:, 1] * (width - w + 1)).long()
-    fallback = ~fits.any(dim=1)
-    if fallback.any():
-        top_c, left_c, h_c, w_c = _central_box(height, width, ratio)
-        box = torch.tensor([top_c, left_c, h_c, w_c])
-        boxes = torch.stack([top, left, h, w], dim=1)
-        return torch.where(fallback[:, None], box, boxes)
-    return torch.stack([top, left, h, w], dim=1)
+    first = fits.argmax(axis=1)[:, None]  # the first try that fits
+    w, h = np.take_along_axis(w, first, 1)[:, 0], np.take_along_axis(h, first, 1)[:, 0]
+    top = np.floor(positions[:, 0] * (height - h + 1)).astype(np.int64)
+    left = np.floor(positions[:, 1] * (width - w + 1)).astype(np.int64)
+    boxes = np.stack([top, left, h, w], axis=1)
+    boxes[~fits.any(axis=1)] = _central_box(height, width, ratio)
+    return torch.from_numpy(boxes)
 
 
 def _central_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:

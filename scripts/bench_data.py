@@ -1,0 +1,88 @@
+"""Data-path benchmark: the old per-image path against the batched one, side by side.
+
+python scripts/bench_data.py --mode train --name cpu-data-train
+python scripts/bench_data.py --mode train --name gpu-data-train --devices cpu cuda
+
+`--mode train`: training's data path (read, decode, augment; no model) for the uint8 and the
+compact JPEG store, 256 px stored -> 224 px input: CPU ms per trained image (process CPU
+time) and images/s, old and new interleaved. Writes benchmarks/results/<name>.json and .md
+with the machine, the command and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flair_fl.bench.data import TrainBench, run_train_bench, train_markdown
+from flair_fl.bench.run import command_line, machine
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def train_mode(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    bench = TrainBench(
+        users=args.users, repeats=args.repeats, epochs=args.epochs, threads=args.threads
+    )
+    report = run_train_bench(bench, [torch.device(d) for d in args.devices])
+    return report, train_markdown(report)
+
+
+# Each mode: a function of the parsed arguments -> (its report, its markdown lines).
+MODES: dict[str, Callable[[argparse.Namespace], tuple[dict[str, Any], list[str]]]] = {
+    "train": train_mode,
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=[*MODES, "all"], default="all")
+    parser.add_argument("--name", required=True, help="report name (benchmarks/results/NAME.*)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the report goes")
+    default_devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], default=default_devices)
+    parser.add_argument("--users", type=int, default=TrainBench.users)
+    parser.add_argument("--repeats", type=int, default=TrainBench.repeats)
+    parser.add_argument("--epochs", type=int, default=TrainBench.epochs)
+    parser.add_argument("--threads", type=int, default=TrainBench.threads)
+    args = parser.parse_args(argv)
+    if "cuda" in args.devices and not torch.cuda.is_available():
+        parser.exit(2, "bench_data.py: --devices cuda: no CUDA device here\n")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    report: dict[str, Any] = {"command": command_line(), "machine": machine()}
+    m = report["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, GPU: {m['gpu'] or 'none'}"
+        f"; torch {m['torch']}, Python {m['python']}; load average at start "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+    ]
+    for mode in MODES if args.mode == "all" else [args.mode]:
+        report[mode], mode_lines = MODES[mode](args)
+        lines += [*mode_lines, ""]
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = args.out / f"{args.name}.json", args.out / f"{args.name}.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    md_path.write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
