@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -279,7 +279,7 @@ def _round_plan(
         transport=transport,
         min_replies=int(cfg.get("min_replies", 1)),
         num_rounds=cfg.num_rounds,
-        sampler=_sampler(cfg, train_users),
+        sampler=_sampler(cfg, train_users, privacy),
         round_timeout=float(cfg.simulation.round_timeout),
         base_config={"seed": cfg.seed},
         fed_eval_sampler=CohortSampler(users_val, fed_cohort, cfg.seed) if fed_cohort else None,
@@ -289,8 +289,17 @@ def _round_plan(
     )
 
 
-def _sampler(cfg: DictConfig, train_users: list[str]) -> Sampler:
-    """The configured cohort sampler (`sampler` group) over the train users."""
+def _sampler(cfg: DictConfig, train_users: list[str], privacy: Privacy) -> Sampler:
+    """The configured cohort sampler (`sampler` group) over the train users, or the one
+    the privacy mechanism's guarantee needs (`privacy=dp_bmf`: min-separation)."""
+    required = privacy.make_sampler(train_users, cfg.cohort_size, cfg.seed)
+    if required is not None:
+        if str(cfg.sampler.get("_target_", "")).endswith("WithReplacementSampler"):
+            raise ConfigError(
+                "sampler=with_replacement: privacy=dp_bmf samples min-separated cohorts "
+                "itself (privacy.min_separation); use the default sampler"
+            )
+        return cast(Sampler, required)
     factory = build(cfg.sampler, "sampler")
     try:
         sampler: Sampler = factory(train_users, cfg.cohort_size, cfg.seed)

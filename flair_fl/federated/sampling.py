@@ -76,3 +76,35 @@ class WithReplacementSampler(CohortSampler):
     def sample(self, server_round: int, purpose: str = "train") -> list[str]:
         draws = self._rng(server_round, purpose).integers(0, len(self.user_ids), self.cohort_size)
         return [self.user_ids[i] for i in draws.tolist()]
+
+
+class MinSeparationSampler(CohortSampler):
+    """Cyclic min-separation sampling (`sampler=min_separation`; `privacy=dp_bmf` uses it).
+
+    The users are split once, by a seeded permutation, into `min_separation` groups of
+    near-equal size; round r draws its cohort (without replacement) from group
+    (r - 1) mod min_separation only. So a user trains at most once in any `min_separation`
+    consecutive rounds, which is what the banded mechanism's sensitivity assumes, and each
+    round samples a user of its group at rate cohort / group size.
+    """
+
+    def __init__(self, user_ids: list[str], cohort_size: int, seed: int, min_separation: int = 48):
+        smallest = len(user_ids) // min_separation
+        if not 1 <= cohort_size <= smallest:
+            raise ValueError(
+                f"min-separation {min_separation} splits {len(user_ids)} users into groups of "
+                f"{smallest}: cohort_size must be in [1, {smallest}], got {cohort_size}"
+            )
+        super().__init__(user_ids, cohort_size, seed)
+        order = np.random.default_rng(derive_seed(seed, "min-separation-groups")).permutation(
+            len(user_ids)
+        )
+        self.min_separation = min_separation
+        self.groups = [
+            CohortSampler([user_ids[i] for i in order[g::min_separation]], cohort_size, seed)
+            for g in range(min_separation)
+        ]
+
+    def sample(self, server_round: int, purpose: str = "train") -> list[str]:
+        group = self.groups[(server_round - 1) % self.min_separation]
+        return group.sample(server_round, purpose)

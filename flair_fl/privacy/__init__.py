@@ -41,6 +41,10 @@ class Privacy(Protocol):
         """Plain settings for client-side DP (DP-SGD), or None."""
         ...
 
+    def make_sampler(self, user_ids: list[str], cohort_size: int, seed: int) -> Any:
+        """The train-cohort sampler the guarantee requires (banded MF), or None."""
+        ...
+
     def round_metrics(self, server_round: int) -> dict[str, float]:
         """Per-round DP figures to log (epsilon spent, clip norm, noise std, ...)."""
         ...
@@ -73,6 +77,9 @@ class NoPrivacy:
         return strategy
 
     def client_settings(self) -> dict[str, Any] | None:
+        return None
+
+    def make_sampler(self, user_ids: list[str], cohort_size: int, seed: int) -> Any:
         return None
 
     def round_metrics(self, server_round: int) -> dict[str, float]:

@@ -31,8 +31,14 @@ from flair_fl.privacy.accounting import (
     noise_multiplier_for,
     update_noise_multiplier,
 )
+from flair_fl.privacy.bmf_accounting import participation
 from flair_fl.privacy.clipping import QuantileClipNorm
-from flair_fl.privacy.dp_strategy import CentralDPStrategy, NoiseSettings, RoundStats
+from flair_fl.privacy.dp_strategy import (
+    CentralDPStrategy,
+    CorrelatedNoise,
+    NoiseSettings,
+    RoundStats,
+)
 
 UNIFORM_WEIGHT_KEY = "uniform-weight"  # flair_fl.federated.client_app's per-user weight
 
@@ -145,11 +151,14 @@ class CentralDP:
             z = float(self.noise_multiplier)
         else:
             try:
+                rate, steps = participation(
+                    noise_cohort / population, context.num_rounds, self.min_separation
+                )
                 z = noise_multiplier_for(
                     float(self.epsilon),  # type: ignore[arg-type]  # checked in __init__
                     delta,
-                    noise_cohort / population,
-                    context.num_rounds,
+                    rate,
+                    steps,
                     self.accountant,
                     self.epsilon_tolerance,
                 )
@@ -203,11 +212,24 @@ class CentralDP:
             secure=self.secure_noise,
         )
         self.calibration = cal
+        rate, _ = participation(cal.sample_rate, cal.rounds, self.min_separation)
         self.curve = EpsilonCurve(
-            cal.noise_multiplier, cal.sample_rate, cal.delta, self.accountant, cal.rounds
+            cal.noise_multiplier, rate, cal.delta, self.accountant, cal.rounds, self.min_separation
         )
-        self.strategy = CentralDPStrategy(strategy, noise, self.clip_norm, adaptive)
+        self.strategy = CentralDPStrategy(
+            strategy, noise, self.clip_norm, adaptive, self.correlated_noise(cal.rounds)
+        )
         return self.strategy
+
+    min_separation = 1  # rounds between a user's participations the accounting assumes
+
+    def correlated_noise(self, rounds: int) -> CorrelatedNoise | None:
+        """How noise is correlated across rounds (banded MF); None: independent."""
+        return None
+
+    def make_sampler(self, user_ids: list[str], cohort_size: int, seed: int) -> Any:
+        """The train-cohort sampler the guarantee needs; None: the run's own."""
+        return None
 
     def client_settings(self) -> dict[str, Any] | None:
         return None  # clients train as usual; the server clips and noises

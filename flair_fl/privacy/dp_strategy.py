@@ -22,7 +22,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -71,6 +71,14 @@ class RoundStats:
     noisy_unclipped_fraction: float = float("nan")  # adaptive clipping's private estimate
 
 
+class CorrelatedNoise(Protocol):
+    """Turns each round's independent Gaussian noise into correlated noise (banded MF)."""
+
+    def step(self, noise: np.ndarray) -> np.ndarray:
+        """This round's noise from this round's independent draw (rounds in order)."""
+        ...
+
+
 class CentralDPStrategy(DelegatingStrategy):
     """Wraps a Flower strategy with user-level central DP (fixed or adaptive clip norm).
 
@@ -83,9 +91,10 @@ class CentralDPStrategy(DelegatingStrategy):
         noise: NoiseSettings,
         clip_norm: float,
         adaptive: QuantileClipNorm | None = None,
+        correlated: CorrelatedNoise | None = None,
     ):
         super().__init__(strategy)
-        self.noise, self.adaptive = noise, adaptive
+        self.noise, self.adaptive, self.correlated = noise, adaptive, correlated
         self.clip_norm = adaptive.clip_norm if adaptive is not None else clip_norm
         self.history: dict[int, RoundStats] = {}
         self.current_arrays: ArrayRecord | None = None
@@ -150,10 +159,13 @@ class CentralDPStrategy(DelegatingStrategy):
             received=reduction.count,
         )
         self.history[server_round] = stats
+        rng = self.noise.generator(server_round)
+        noise = rng.normal(0.0, std_sum, size=reduction.total.shape)
+        if self.correlated is not None:  # every round is a row of C, even an empty one
+            noise = self.correlated.step(noise)
         if not reduction.count or template is None:  # the round still counts in the accountant
             return None
-        rng = self.noise.generator(server_round)
-        noisy_sum = reduction.total + rng.normal(0.0, std_sum, size=reduction.total.shape)
+        noisy_sum = reduction.total + noise
         if self.adaptive is not None:
             fraction = self.adaptive.update(reduction.unclipped_count, reduction.count, rng)
             self.clip_norm = self.adaptive.clip_norm

@@ -67,6 +67,9 @@ class LocalDPSGD:
     def client_settings(self) -> dict[str, Any] | None:
         return dict(self.settings.__dict__)
 
+    def make_sampler(self, user_ids: list[str], cohort_size: int, seed: int) -> Any:
+        return None  # any cohort sampling: the guarantee is per image, composed per user
+
     def check_model(self, model: nn.Module) -> None:
         require_dp_sgd_compatible(model)
 
