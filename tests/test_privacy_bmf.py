@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.serverapp.strategy import FedAvg
 from hydra.utils import instantiate
 
@@ -149,7 +150,7 @@ def test_calibrate_with_min_separation_prints_the_runs_z(
     ]
 
 
-def test_resumed_noise_continues_the_correlation() -> None:
+def test_resumed_noise_continues_the_correlation(tmp_path: Path) -> None:
     full = BandedNoise(3)
     draws = np.random.default_rng(0).normal(size=(6, 5))
     expected = [full.step(d) for d in draws]
@@ -157,8 +158,10 @@ def test_resumed_noise_continues_the_correlation() -> None:
     first = BandedNoise(3)
     for d in draws[:3]:
         first.step(d)
+    torch.save({"privacy": {"banded_noise": first.state_dict()}}, tmp_path / "state.pt")
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)  # as checkpoints load
     resumed = BandedNoise(3)
-    resumed.load_state_dict(first.state_dict())
+    resumed.load_state_dict(saved["privacy"]["banded_noise"])
 
     np.testing.assert_array_equal([resumed.step(d) for d in draws[3:]], expected[3:])
 
