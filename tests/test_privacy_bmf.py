@@ -209,3 +209,22 @@ def test_dp_bmf_run_samples_min_separated_cohorts_and_records_the_mechanism(
     assert summary["rounds"] == 3 and described["mechanism"] == "central-dp-banded-mf"
     assert described["min_separation"] == 4 and described["participations_per_user"] == 1
     assert np.isfinite(summary["final_val_loss"])
+
+
+def test_min_separation_is_a_sampler_config_node_and_dp_bmf_refuses_with_replacement() -> None:
+    from flair_fl.config_checks import ConfigError as Refused
+    from flair_fl.experiment import _sampler
+
+    cfg = compose_config(["sampler=min_separation", "sampler.min_separation=4", "cohort_size=2"])
+    users = [f"u{i}" for i in range(20)]
+
+    sampler = instantiate(cfg.sampler)(users, 2, 0)
+    bmf = instantiate(compose_config(["privacy=dp_bmf", "privacy.min_separation=4"]).privacy)
+    with_replacement = compose_config(
+        ["privacy=dp_bmf", "privacy.min_separation=4", "sampler=with_replacement", "cohort_size=2"]
+    )
+
+    assert isinstance(sampler, MinSeparationSampler) and sampler.min_separation == 4
+    assert isinstance(_sampler(cfg, users, bmf), MinSeparationSampler)
+    with pytest.raises(Refused, match="sampler=with_replacement"):
+        _sampler(with_replacement, users, instantiate(with_replacement.privacy))
