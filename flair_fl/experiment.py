@@ -289,10 +289,10 @@ def _round_plan(
     )
 
 
-def _sampler(cfg: DictConfig, train_users: list[str], privacy: Privacy) -> Sampler:
+def _sampler(cfg: DictConfig, train_users: list[str], privacy: Privacy | None = None) -> Sampler:
     """The configured cohort sampler (`sampler` group) over the train users, or the one
     the privacy mechanism's guarantee needs (`privacy=dp_bmf`: min-separation)."""
-    required = privacy.make_sampler(train_users, cfg.cohort_size, cfg.seed)
+    required = privacy.make_sampler(train_users, cfg.cohort_size, cfg.seed) if privacy else None
     if required is not None:
         if str(cfg.sampler.get("_target_", "")).endswith("WithReplacementSampler"):
             raise ConfigError(
