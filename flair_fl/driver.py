@@ -33,6 +33,8 @@ from flair_fl.loggers.console import ConsoleProgress
 from flair_fl.metrics import MetricState
 from flair_fl.models.params import load_trainable, trainable_state
 from flair_fl.privacy import Privacy
+from flair_fl.run_dir import RESULTS_NAME
+from flair_fl.stopping import RunStopped, StopSignal
 from flair_fl.training import evaluate
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,7 @@ class RoundTracker:
         self.best_arrays: ArrayRecord | None = None
         self.progress = ConsoleProgress(num_rounds, unit=unit)
         self.diverged: str | None = None  # why the run stopped as diverged
+        self.checkpointed_round = 0  # the round of the checkpoint on disk (0: none)
 
     def on_round(self, server_round: int, arrays: ArrayRecord, metrics: dict[str, Any]) -> bool:
         metrics.update(self.privacy.round_metrics(server_round))
@@ -196,10 +199,25 @@ class RoundTracker:
             **{f"best_{k}": v for k, v in self.best.items() if k.startswith("val_")},
             "wall_time_s": time.perf_counter() - self.started,
         }
-        write_results(summary, self.out)
         for logger in self.loggers:
             logger.log_summary(summary)
             logger.close()
+        write_results(summary, self.out)
+
+    def stopped(self, outcome: LoopOutcome, stop: StopSignal, resume_hint: str) -> RunStopped:
+        """End a run stopped by a signal: the last completed round checkpointed, loggers
+        closed, no summary (the run is not finished); returns the error to raise."""
+        done = outcome.rounds_done
+        if self.checkpoint and outcome.arrays is not None and done > self.checkpointed_round:
+            self.checkpoint(done, outcome.arrays)
+        for logger in self.loggers:
+            logger.close()
+        kept = (
+            f"checkpoint of round {self.checkpointed_round} kept; continue with `{resume_hint}`"
+            if self.checkpointed_round
+            else "no round was checkpointed (nothing to resume)"
+        )
+        return RunStopped(stop, f"after round {done} of {self.num_rounds}; {kept}")
 
     def state_dict(self) -> dict[str, Any]:
         """Best-val bookkeeping for checkpoints."""
@@ -230,7 +248,7 @@ class RoundTracker:
         final = outcome.arrays
         if final is None:
             final = ArrayRecord(trainable_state(self.evaluator.model))
-        elif self.checkpoint and outcome.rounds_done:
+        elif self.checkpoint and outcome.rounds_done > self.checkpointed_round:
             self.checkpoint(outcome.rounds_done, final)
         summary: dict[str, Any] = {
             "rounds": outcome.rounds_done,
@@ -251,17 +269,18 @@ class RoundTracker:
             {f"privacy_{k}": v for k, v in self.privacy.round_metrics(outcome.rounds_done).items()}
         )
         summary["wall_time_s"] = time.perf_counter() - self.started
-        write_results(summary, self.out)
         for logger in self.loggers:
             logger.log_summary(summary)
             logger.close()
+        write_results(summary, self.out)
         print_summary(summary, self.out)
         return summary
 
 
 def write_results(summary: dict[str, Any], out: Path) -> None:
     """`results.json`: the run's headline numbers grouped by model (untrained, best-val,
-    final) and split, next to the flat `summary.json` the loggers write."""
+    final) and split, next to the flat `summary.json` the loggers write. Written last: it
+    marks the run finished (a resume then leaves the run dir as it is)."""
     groups: dict[str, dict[str, Any]] = {"untrained": {}, "best": {}, "final": {}}
     for key, value in summary.items():
         prefix, _, rest = key.partition("_")
@@ -277,7 +296,7 @@ def write_results(summary: dict[str, Any], out: Path) -> None:
         },
         "wall_time_s": summary.get("wall_time_s"),
     }
-    write_atomically(out / "results.json", json.dumps(results, indent=2, default=str))
+    write_atomically(out / RESULTS_NAME, json.dumps(results, indent=2, default=str))
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:

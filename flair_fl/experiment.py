@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord
 from omegaconf import DictConfig, OmegaConf
 
+from flair_fl import stopping
 from flair_fl.checkpoint import (
     CHECKPOINT_NAME,
     differing_keys,
@@ -51,6 +52,7 @@ from flair_fl.federated.simulation import run_simulation
 from flair_fl.federated.transport import make_transport
 from flair_fl.models.params import trainable_state
 from flair_fl.privacy import Privacy, PrivacyContext
+from flair_fl.run_dir import finished_summary
 from flair_fl.training import LocalTraining
 
 log = logging.getLogger(__name__)
@@ -136,6 +138,13 @@ def fault_spec(cfg: DictConfig) -> FaultSpec:
 def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Run one configured experiment; returns the summary (also written to summary.json)."""
     started = time.perf_counter()
+    if cfg.get("resume") and (done := finished_summary(Path(cfg.resume))) is not None:
+        print(
+            f"flair-fl: {cfg.resume} is finished ({done['rounds']} rounds): nothing to resume, "
+            "its results stay as they are",
+            flush=True,
+        )
+        return done
     checkpoint = load_checkpoint(cfg.resume) if cfg.get("resume") else None
     out = Path(cfg.resume) if checkpoint else Path(output_dir)  # a resumed run continues there
     out.mkdir(parents=True, exist_ok=True)
@@ -201,27 +210,32 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     if checkpoint:
         start_round = checkpoint["round"] + 1
         tracker.resume(checkpoint["tracker"], checkpoint["round"])
+        tracker.checkpointed_round = checkpoint["round"]
         print(f"flair-fl: resuming {out} after round {checkpoint['round']}", flush=True)
 
     plan = _round_plan(cfg, data, train_users, privacy)
     plan.before_round = lr_schedule.before_round
     plan.transport.check_room(sum(a.numpy().nbytes for a in initial.values()))
-    outcome = LoopOutcome()
+    # Until a round is done, the model is the one the run starts from (the checkpoint's).
+    outcome = LoopOutcome(arrays=initial, rounds_done=start_round - 1)
     server_app = make_server_app(
         strategy, initial, plan, tracker.on_round, outcome, tracker.on_fed_eval, start_round
     )
     client_app = make_client_app(client_spec(cfg, data, privacy, out))
     backend = OmegaConf.to_container(cfg.simulation.backend, resolve=True)
     client_timeout = cfg.simulation.get("client_timeout") or cfg.simulation.round_timeout
-    run_simulation(
-        server_app,
-        client_app,
-        cfg.simulation.num_supernodes,
-        backend,  # type: ignore[arg-type]
-        outcome,
-        client_timeout=float(client_timeout),
-        actor_start_timeout=float(cfg.simulation.get("actor_start_timeout", 120)),
-    )
+    if start_round <= cfg.num_rounds:
+        run_simulation(
+            server_app,
+            client_app,
+            cfg.simulation.num_supernodes,
+            backend,  # type: ignore[arg-type]
+            outcome,
+            client_timeout=float(client_timeout),
+            actor_start_timeout=float(cfg.simulation.get("actor_start_timeout", 120)),
+        )
+    else:  # killed after its last checkpoint: only the final evaluation is left
+        print(f"flair-fl: all {cfg.num_rounds} rounds were done; final evaluation", flush=True)
     if outcome.diverged or tracker.diverged:
         reason = outcome.stop_reason or tracker.diverged
         tracker.abandon(outcome, str(reason))
@@ -229,6 +243,8 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             f"{reason}. Metrics up to the last good round are in {out}; the last checkpoint "
             f"({out / CHECKPOINT_NAME}) holds a model from before the divergence."
         )
+    if (stop := stopping.requested()) is not None:
+        raise tracker.stopped(outcome, stop, resume_hint=f"python -m flair_fl.run resume={out}")
     if outcome.stop_reason:
         print(f"flair-fl: stopped after round {outcome.rounds_done}: {outcome.stop_reason}")
     return tracker.finish(outcome)
@@ -261,6 +277,7 @@ def _checkpointer(
             },
             out / CHECKPOINT_NAME,
         )
+        tracker.checkpointed_round = server_round
 
     return save
 

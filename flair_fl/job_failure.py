@@ -10,6 +10,9 @@ W&B run is finished, marked failed) and Ray is shut down if it is still up. Then
   Optuna search records the trial and steers away) and the sweep goes on.
 - multirun with `sweep_continue_on_error=false`: the sweep stops at this job (status 1, or 2
   for configuration errors), for both Hydra's basic sweeper and the Optuna sweeper.
+- a run stopped by a signal (stopping.py) is no failure: it says so in one line, runs the
+  signal's action and exits with the signal's status (130 for SIGINT, 143 for SIGTERM), in a
+  multirun too (the sweep stops).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from flair_fl.data.raw import FlairFormatError
 from flair_fl.durable import OutputWriteError
 from flair_fl.errors import TrainingDiverged
 from flair_fl.loggers import close_open_loggers
+from flair_fl.stopping import RunStopped
 
 FAILED_JOB_SCORE = float("-inf")
 ERROR_FILE = "error.txt"
@@ -63,6 +67,12 @@ def record_error(err: BaseException, job_dir: Path) -> Path:
 
 def job_failed(err: Exception, job_dir: Path, continue_sweep: bool) -> float:
     """Record and clean up after a failed job; return its sweep score or stop (see above)."""
+    if isinstance(err, RunStopped):
+        release_job_resources()
+        print(f"flair-fl: {err}", file=sys.stderr, flush=True)
+        if err.stop.action is not None:
+            err.stop.action()
+        raise SystemExit(err.stop.exit_code) from None
     path = record_error(err, job_dir)
     release_job_resources()
     message = str(err) if isinstance(err, USER_ERRORS) else f"{type(err).__name__}: {err}"

@@ -5,6 +5,7 @@ Returns the best val macro AP, the metric Hydra sweepers maximise.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from flair_fl import stopping
 from flair_fl.driver import build
 from flair_fl.job_failure import job_failed
 from flair_fl.resume import resume_config
+from flair_fl.run_dir import run_dir_lock
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -30,12 +33,16 @@ def execute(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     job_dir = HydraConfig.get().runtime.output_dir
-    try:
-        if cfg.get("resume"):
-            cfg = resume_config(cfg)
-        summary = execute(cfg, job_dir)
-    except Exception as err:  # recorded, cleaned up; a sweep goes on (see job_failure.py)
-        return job_failed(err, Path(job_dir), bool(cfg.get("sweep_continue_on_error", True)))
+    # A resumed run writes into the run it resumes (a missing one is refused by the run).
+    run_dir = Path(str(cfg.resume)) if cfg.get("resume") else Path(job_dir)
+    with stopping.handling():
+        try:
+            with run_dir_lock(run_dir) if run_dir.is_dir() else contextlib.nullcontext():
+                if cfg.get("resume"):
+                    cfg = resume_config(cfg)
+                summary = execute(cfg, job_dir)
+        except Exception as err:  # recorded, cleaned up; a sweep goes on (see job_failure.py)
+            return job_failed(err, Path(job_dir), bool(cfg.get("sweep_continue_on_error", True)))
     return float(summary["best_val_macro_ap"])
 
 

@@ -28,6 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from flair_fl import stopping
 from flair_fl.federated.client_app import ARRAYS_KEY, CONFIG_KEY, META_KEY, METRICS_KEY
 from flair_fl.federated.reduce import MeanReduction, MetricsReduction, Reduction
 from flair_fl.federated.sampling import Sampler, repeat_indices
@@ -130,7 +131,8 @@ def exchange(
     handle: Callable[[int, Message | None], None],
 ) -> None:
     """Send `messages`; call `handle(cohort index, reply)` for each reply as it comes, then
-    `handle(index, None)` for each message still unanswered at `timeout`.
+    `handle(index, None)` for each message still unanswered at `timeout`. A stop request
+    (stopping.py) ends the wait at once, leaving the rest unhandled.
 
     Replies are handled on arrival (not held back for cohort order): users' sizes vary
     500-fold, so waiting for order would keep most of a cohort's updates in memory."""
@@ -139,6 +141,8 @@ def exchange(
     pending = set(ids)
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
+        if stopping.requested():
+            return
         replies = list(grid.pull_messages(pending))
         for reply in replies:
             message_id = reply.metadata.reply_to_message_id
@@ -228,6 +232,9 @@ def run_rounds(
     weight_key = str(getattr(strategy, "weighted_by_key", "uniform-weight"))
     transport = plan.transport
     for server_round in range(start_round, plan.num_rounds + 1):
+        if stop := stopping.requested():
+            log.warning("stopping before round %d: %s", server_round, stop.name)
+            break
         if plan.should_stop and (reason := plan.should_stop(server_round)):
             outcome.stop_reason = reason
             log.warning("stopping before round %d: %s", server_round, reason)
@@ -261,6 +268,10 @@ def run_rounds(
         )
         sent = time.perf_counter()
         exchange(grid, messages, plan.round_timeout, plan.poll_interval, fold)
+        if stop := stopping.requested():  # abandon the round: the model stays the last round's
+            transport.end_round()
+            log.warning("round %d abandoned: %s", server_round, stop.name)
+            break
         received = time.perf_counter()
         summary = fold.metrics.result()
         ok, rejected = fold.reduction.count, fold.failures["rejected"]
@@ -309,6 +320,7 @@ def run_rounds(
         }
         if (
             on_fed_eval
+            and not stopping.requested()  # the round is kept; its federated evaluation is not
             and plan.fed_eval_sampler
             and plan.fed_eval_every
             and server_round % plan.fed_eval_every == 0

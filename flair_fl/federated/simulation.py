@@ -6,27 +6,38 @@ message sent to it failed too; and a client that hangs held its actor (and the e
 simulation) forever. `guard_actor_pool` replaces dead actors with fresh ones and kills an
 actor whose client runs longer than `client_timeout`, so the round loop gets an error reply
 it can count and the pool keeps its size.
+
+Stopping (stopping.py): Ray is started here, not by Flower, so that the run's signal handlers
+can be put back after `ray.init` replaced the SIGTERM one. Once a stop is requested, a
+client still running has its actor killed (Flower's worker threads would otherwise wait for
+it: minutes on real data) and no actor is replaced.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
+import time
 from typing import Any
 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
+from flair_fl import stopping
 from flair_fl.federated.server_app import LoopOutcome
+
+WAIT_SLICE_S = 0.25  # a client's reply is awaited in slices, to see a stop request
 
 
 class _DropDeprecation(logging.Filter):
     """run_simulation is the only in-process API that fits Hydra (shared/FLOWER_NOTES.md);
-    its deprecation notice would otherwise open every run twice."""
+    its deprecation notice would otherwise open every run twice. Once the run is stopping,
+    Flower's tracebacks of the clients cut short (Ctrl-C reaches the actors too) go as well."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "DEPRECATED FEATURE" not in record.getMessage()
+        return "DEPRECATED FEATURE" not in record.getMessage() and not stopping.requested()
 
 
 class ClientTimeout(RuntimeError):
@@ -35,6 +46,10 @@ class ClientTimeout(RuntimeError):
 
 class ClientActorDied(RuntimeError):
     """A client's actor process died (killed, out of memory); it was replaced."""
+
+
+class ClientStopped(RuntimeError):
+    """The run is stopping: the client's actor was killed, its reply is not waited for."""
 
 
 # Read by the patched pool; set per run. A new actor's first client also pays the actor's
@@ -49,7 +64,7 @@ def guard_actor_pool(client_timeout: float | None, actor_start_timeout: float = 
     """Patch flwr's BasicActorPool (once per process) as described in the module doc."""
     import ray
     from flwr.simulation.ray_transport.ray_actor import BasicActorPool
-    from ray.exceptions import GetTimeoutError, RayActorError
+    from ray.exceptions import RayActorError
 
     _GUARD.update(client_timeout=client_timeout, actor_start_timeout=actor_start_timeout)
     with _GUARD_LOCK:
@@ -63,15 +78,17 @@ def guard_actor_pool(client_timeout: float | None, actor_start_timeout: float = 
             if timeout is not None and actor_id not in _WARM:
                 timeout += _GUARD["actor_start_timeout"]
             try:
-                _, out_message, context = ray.get(future, timeout=timeout)
-            except GetTimeoutError:
-                ray.kill(actor, no_restart=True)
-                with _GUARD_LOCK:
-                    _DEAD.add(future)
-                raise ClientTimeout(
-                    f"client timed out after {_GUARD['client_timeout']} s "
-                    "(simulation.client_timeout); its actor was killed and replaced"
-                ) from None
+                if not _await(ray, future, timeout):
+                    ray.kill(actor, no_restart=True)
+                    with _GUARD_LOCK:
+                        _DEAD.add(future)
+                    if stopping.requested():
+                        raise ClientStopped("the run is stopping")
+                    raise ClientTimeout(
+                        f"client timed out after {_GUARD['client_timeout']} s "
+                        "(simulation.client_timeout); its actor was killed and replaced"
+                    )
+                _, out_message, context = ray.get(future)
             except RayActorError as err:
                 with _GUARD_LOCK:
                     _DEAD.add(future)
@@ -89,6 +106,8 @@ def guard_actor_pool(client_timeout: float | None, actor_start_timeout: float = 
             with _GUARD_LOCK:
                 dead = future in _DEAD
                 _DEAD.discard(future)
+            if dead and stopping.requested():
+                return  # the run is ending: no new actor
             if dead:
                 actor = self.create_actor_fn()
             self.pool.append(actor)
@@ -98,6 +117,47 @@ def guard_actor_pool(client_timeout: float | None, actor_start_timeout: float = 
         )
         BasicActorPool.add_actor_back_to_pool = add_actor_back_to_pool  # type: ignore[method-assign]
         BasicActorPool._flair_fl_guarded = True  # type: ignore[attr-defined]
+
+
+def _await(ray: Any, future: Any, timeout: float | None) -> bool:
+    """Wait for `future` up to `timeout` s (None: no limit); False if it is not ready by
+    then or a stop was requested."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not stopping.requested():
+        left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - time.monotonic())
+        if left <= 0:
+            return False
+        ready, _ = ray.wait([future], timeout=left)
+        if ready:
+            return True
+    return False
+
+
+def start_ray(init_args: dict[str, Any]) -> None:
+    """`ray.init` as Flower's Ray backend does it (the clients import this package through
+    PYTHONPATH), then the run's signal handlers back in place of Ray's SIGTERM handler."""
+    import ray
+
+    if not ray.is_initialized():
+        pythonpath = os.pathsep.join(sys.path)
+        if os.environ.get("PYTHONPATH"):
+            pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+        os.environ["PYTHONPATH"] = pythonpath
+        ray.init(
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+            **{"include_dashboard": False, **init_args},
+        )
+    stopping.install_handlers()
+
+
+def _kill_local_ray() -> None:
+    """Cleanup before a forced exit: end the Ray processes this process started (a head
+    started by `ray.init`; an attached cluster is left alone, it drops this job's actors)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None and getattr(node, "head", False):
+        node.kill_all_processes(check_alive=False, allow_graceful=False)
 
 
 def run_simulation(
@@ -115,17 +175,23 @@ def run_simulation(
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     guard_actor_pool(client_timeout, actor_start_timeout)
+    stopping.raise_if_requested("before Ray started")
+    start_ray(dict(backend_config.get("init_args") or {}))
+    remove_cleanup = stopping.add_cleanup(_kill_local_ray)
 
     flwr_log = logging.getLogger("flwr")
     flwr_log.setLevel(logging.WARNING)
     if not any(isinstance(f, _DropDeprecation) for f in flwr_log.filters):
         flwr_log.addFilter(_DropDeprecation())
-    flwr_run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=num_supernodes,
-        backend_name="ray",
-        backend_config=backend_config,
-    )
+    try:
+        flwr_run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_supernodes,
+            backend_name="ray",
+            backend_config=backend_config,
+        )
+    finally:
+        remove_cleanup()
     if outcome.error is not None:
         raise outcome.error

@@ -12,11 +12,17 @@ update and folds it straight into the round's running sum, then deletes it. Flow
 does the orchestration: sampling onto supernodes, scheduling on actors, replies, errors.
 
 Both give the round loop the same thing per reply: a layout and one flat float32 vector.
+
+The shared files live in `<root>/flair_fl-<pid>-<random>/`. A run removes its directory when
+it ends, also when stopped by a signal (stopping.py); a run that was killed (SIGKILL, OOM)
+cannot, so every new shared transport first removes the directories of dead pids of this
+machine (a directory naming another host, on a shared `shared_dir`, is left alone).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,9 +36,15 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
+from flair_fl import stopping
+from flair_fl.processes import pid_alive, this_host
+
+log = logging.getLogger(__name__)
+
 WEIGHTS_PATH_KEY, LAYOUT_KEY, REPLY_DIR_KEY = "weights-path", "weights-layout", "reply-dir"
 REPLY_PATH_KEY = "update-path"
 TRANSPORTS = ("shared", "message")
+DIR_PREFIX, HOST_FILE = "flair_fl-", "host"
 
 
 @dataclass(frozen=True)
@@ -146,8 +158,11 @@ class SharedTransport(MessageTransport):
 
     def __init__(self, root: str | Path | None = None):
         base = Path(root) if root else default_shared_root()
-        self.dir = base / f"flair_fl-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        remove_dead_runs_files(base)
+        self.dir = base / f"{DIR_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.dir.mkdir(parents=True)
+        (self.dir / HOST_FILE).write_text(this_host())
+        self._remove_cleanup = stopping.add_cleanup(self.close)  # also on a forced exit
         self.round_dir: Path | None = None
         self.checked = False
 
@@ -185,6 +200,33 @@ class SharedTransport(MessageTransport):
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        self._remove_cleanup()
+
+
+def remove_dead_runs_files(root: Path) -> list[Path]:
+    """Remove the shared-transport directories under `root` whose run (pid) is dead on this
+    machine; returns them."""
+    removed = []
+    for path in root.glob(f"{DIR_PREFIX}*-*"):
+        pid = path.name[len(DIR_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or not path.is_dir() or pid_alive(int(pid)):
+            continue
+        try:
+            host = (path / HOST_FILE).read_text().strip()
+        except OSError:
+            host = this_host()  # made before host files were written: /dev/shm is local
+        if host != this_host():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        log.warning(
+            "removed %d shared-memory dir(s) of killed runs under %s: %s",
+            len(removed),
+            root,
+            ", ".join(p.name for p in removed),
+        )
+    return removed
 
     def check_room(self, model_bytes: int) -> None:
         """Before Ray starts: reserve (and free) room for the global weights and one client
