@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from flair_fl.config_checks import ConfigError, validate_run_config
 from flair_fl.data.augment import TrainAugment
 from flair_fl.data.hdf5 import FlairReader, LabelSet
-from flair_fl.data.source import FederatedData
+from flair_fl.data.source import FederatedData, check_label
 from flair_fl.driver import (
     CentralEvaluator,
     RoundTracker,
@@ -101,6 +101,7 @@ def run_central(
         )
     data: FederatedData = build(cfg.data, "data")
     data.require_splits("train", "val", *(["test"] if cfg.eval.test_at_end else []))
+    check_label(data)
     write_atomically(out / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(derive_seed(cfg.seed, "model-init"))
     model = make_model(cfg, data.num_labels)

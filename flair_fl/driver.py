@@ -188,12 +188,13 @@ class RoundTracker:
             self.checkpoint(server_round, arrays)
         return False
 
-    def abandon(self, outcome: LoopOutcome, reason: str) -> None:
-        """End a diverged run: summary of what was done, loggers closed, no model written."""
+    def abandon(self, outcome: LoopOutcome, reason: str, diverged: bool = True) -> None:
+        """End a failed run (diverged, or no round trained): summary of what was done,
+        loggers closed, no model written."""
         summary: dict[str, Any] = {
             "rounds": outcome.rounds_done,
             "stop_reason": reason,
-            "diverged": True,
+            "diverged": diverged,
             "untrained_val_macro_ap": self.initial_val["val_macro_ap"],
             "best_round": self.best["round"],
             **{f"best_{k}": v for k, v in self.best.items() if k.startswith("val_")},

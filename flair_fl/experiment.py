@@ -27,7 +27,7 @@ from flair_fl.checkpoint import (
     strategy_state,
 )
 from flair_fl.config_checks import ConfigError, validate_run_config
-from flair_fl.data.source import FederatedData
+from flair_fl.data.source import FederatedData, check_label
 from flair_fl.driver import (
     CentralEvaluator,
     RoundTracker,
@@ -37,7 +37,7 @@ from flair_fl.driver import (
     make_model,
 )
 from flair_fl.durable import write_atomically
-from flair_fl.errors import TrainingDiverged
+from flair_fl.errors import NoRoundTrained, TrainingDiverged
 from flair_fl.federated.client_app import (
     EXAMPLES_WEIGHT_KEY,
     UNIFORM_WEIGHT_KEY,
@@ -52,7 +52,7 @@ from flair_fl.federated.simulation import run_simulation
 from flair_fl.federated.transport import make_transport
 from flair_fl.models.params import trainable_state
 from flair_fl.privacy import Privacy, PrivacyContext
-from flair_fl.run_dir import finished_summary
+from flair_fl.run_dir import report_finished
 from flair_fl.training import LocalTraining
 
 log = logging.getLogger(__name__)
@@ -138,12 +138,7 @@ def fault_spec(cfg: DictConfig) -> FaultSpec:
 def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Run one configured experiment; returns the summary (also written to summary.json)."""
     started = time.perf_counter()
-    if cfg.get("resume") and (done := finished_summary(Path(cfg.resume))) is not None:
-        print(
-            f"flair-fl: {cfg.resume} is finished ({done['rounds']} rounds): nothing to resume, "
-            "its results stay as they are",
-            flush=True,
-        )
+    if cfg.get("resume") and (done := report_finished(Path(cfg.resume))) is not None:
         return done
     checkpoint = load_checkpoint(cfg.resume) if cfg.get("resume") else None
     out = Path(cfg.resume) if checkpoint else Path(output_dir)  # a resumed run continues there
@@ -156,6 +151,7 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         )
     data: FederatedData = build(cfg.data, "data")
     data.require_splits("train", "val", *(["test"] if cfg.eval.test_at_end else []))
+    check_label(data)
     train_users = list(data.reader.population("train"))
     validate_run_config(cfg, num_train_users=len(train_users))
     write_atomically(out / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -239,10 +235,22 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     if outcome.diverged or tracker.diverged:
         reason = outcome.stop_reason or tracker.diverged
         tracker.abandon(outcome, str(reason))
-        raise TrainingDiverged(
-            f"{reason}. Metrics up to the last good round are in {out}; the last checkpoint "
-            f"({out / CHECKPOINT_NAME}) holds a model from before the divergence."
+        kept = (
+            f"the last checkpoint ({out / CHECKPOINT_NAME}, round {tracker.checkpointed_round}) "
+            "holds a model from before the divergence"
+            if tracker.checkpointed_round
+            else f"no checkpoint was written before it (checkpoint_every={cfg.checkpoint_every})"
         )
+        raise TrainingDiverged(f"{reason}. Metrics up to the last good round are in {out}; {kept}.")
+    if outcome.rounds_run and outcome.rounds_skipped == outcome.rounds_run:
+        failed = ", ".join(f"{n} {kind}" for kind, n in outcome.failures.items() if n)
+        reason = (
+            f"every round ({outcome.rounds_run}) was skipped: fewer than "
+            f"min_replies={cfg.min_replies} usable client updates (client failures: "
+            f"{failed or 'none'}; see the warnings above); the model was never updated"
+        )
+        tracker.abandon(outcome, reason, diverged=False)
+        raise NoRoundTrained(f"{reason}. Metrics are in {out}.")
     if (stop := stopping.requested()) is not None:
         raise tracker.stopped(outcome, stop, resume_hint=f"python -m flair_fl.run resume={out}")
     if outcome.stop_reason:
@@ -285,6 +293,7 @@ def _checkpointer(
 def _round_plan(
     cfg: DictConfig, data: FederatedData, train_users: list[str], privacy: Privacy
 ) -> RoundPlan:
+    faults = fault_spec(cfg)
     users_val = list(data.reader.population("val"))
     fed_cohort = min(cfg.eval.federated_cohort, len(users_val))
     sim = cfg.simulation
@@ -303,6 +312,7 @@ def _round_plan(
         fed_eval_every=cfg.eval_every if fed_cohort else 0,
         num_supernodes=cfg.simulation.num_supernodes,
         should_stop=privacy.stop_reason,
+        fault_of=faults.draw if faults.probability > 0 else None,
     )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from flair_fl.config_checks import ConfigError
 from flair_fl.data.raw import FlairFormatError
 from flair_fl.durable import OutputWriteError
-from flair_fl.errors import TrainingDiverged
+from flair_fl.errors import NoRoundTrained, TrainingDiverged
 from flair_fl.loggers import close_open_loggers
 from flair_fl.stopping import RunStopped
 
@@ -35,6 +35,7 @@ USER_ERRORS = (
     FlairFormatError,
     OutputWriteError,
     TrainingDiverged,
+    NoRoundTrained,
 )  # reported in one line, no traceback
 
 

@@ -18,7 +18,7 @@ from flair_fl import stopping
 from flair_fl.driver import build
 from flair_fl.job_failure import job_failed
 from flair_fl.resume import resume_config
-from flair_fl.run_dir import run_dir_lock
+from flair_fl.run_dir import report_finished, run_dir_lock
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -39,6 +39,8 @@ def main(cfg: DictConfig) -> float:
         try:
             with run_dir_lock(run_dir) if run_dir.is_dir() else contextlib.nullcontext():
                 if cfg.get("resume"):
+                    if (done := report_finished(run_dir)) is not None:  # before recomposing
+                        return float(done["best_val_macro_ap"])
                     cfg = resume_config(cfg)
                 summary = execute(cfg, job_dir)
         except Exception as err:  # recorded, cleaned up; a sweep goes on (see job_failure.py)

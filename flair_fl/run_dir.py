@@ -116,6 +116,18 @@ def run_dir_lock(run_dir: Path) -> Iterator[Path]:
         os.close(fd)
 
 
+def report_finished(run_dir: Path) -> dict[str, Any] | None:
+    """If the run in `run_dir` is finished, say so in one line and return its summary."""
+    done = finished_summary(run_dir)
+    if done is not None:
+        print(
+            f"flair-fl: {run_dir} is finished ({done['rounds']} rounds): nothing to resume, "
+            "its results stay as they are",
+            flush=True,
+        )
+    return done
+
+
 def finished_summary(run_dir: Path) -> dict[str, Any] | None:
     """The flat summary of a finished run (from its results.json, written last), or None
     if the run is not finished."""

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from tests.conftest import CACHE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 HOLD = "import sys, time; from pathlib import Path; from flair_fl.run_dir import run_dir_lock\n"
-HOLD += "with run_dir_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n"
+HOLD += "with run_dir_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(900)\n"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -57,9 +56,7 @@ def test_a_second_run_into_a_held_run_dir_is_refused_naming_the_holder(tmp_path:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
 
         # Execute: a run into that dir, through the CLI
-        started = time.monotonic()
         done = _cli("debug=tiny", f"hydra.run.dir={tmp_path}", f"data.cache_dir={CACHE_DIR}")
-        took = time.monotonic() - started
     finally:
         holder.kill()
         holder.wait()
@@ -68,16 +65,18 @@ def test_a_second_run_into_a_held_run_dir_is_refused_naming_the_holder(tmp_path:
     assert done.returncode == 2, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and f"pid {holder.pid}" in errors[0], done.stderr
-    assert not (tmp_path / "metrics.csv").exists() and took < 60
+    assert not (tmp_path / "config_resolved.yaml").exists()  # refused before it read its data
 
 
 def test_a_lock_naming_a_live_pid_is_refused(tmp_path: Path) -> None:
-    sleeper = subprocess.Popen(["sleep", "60"])
+    sleeper = subprocess.Popen(["sleep", "900"])
     try:
         _plant(tmp_path, pid=sleeper.pid, host=this_host(), started="x", command="sleep")
-        with pytest.raises(RunDirBusy, match=f"pid {sleeper.pid} .*still running"):
-            with run_dir_lock(tmp_path):
-                pass
+        with (
+            pytest.raises(RunDirBusy, match=rf"pid {sleeper.pid} .*still running"),
+            run_dir_lock(tmp_path),
+        ):
+            pass
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -103,9 +102,9 @@ def test_a_stale_lock_of_a_dead_pid_is_taken_over_with_a_warning(
 def test_a_lock_of_another_host_is_never_taken_over(tmp_path: Path) -> None:
     _plant(tmp_path, pid=_dead_pid(), host="gpu-node-17", started="x", command="run")
 
-    with pytest.raises(RunDirBusy, match="gpu-node-17.*delete .*run.lock"):
-        with run_dir_lock(tmp_path):
-            pass
+    busy = r"gpu-node-17.*delete .*run\.lock"
+    with pytest.raises(RunDirBusy, match=busy), run_dir_lock(tmp_path):
+        pass
     assert (tmp_path / LOCK_NAME).exists()
 
 
@@ -118,16 +117,21 @@ def _digests(run_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory, ray_head: str | None) -> Path:
+def attach(ray_head: str | None) -> list[str]:
+    """Overrides attaching to the session's Ray head (a resume must give them again)."""
+    if not ray_head:
+        return []
+    return [
+        f"+simulation.backend.init_args.address={ray_head}",
+        "~simulation.backend.init_args.include_dashboard",
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, attach: list[str]) -> Path:
     """A finished tiny run (through the real simulation), made once for this module."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    overrides = ["debug=tiny", f"data.cache_dir={CACHE_DIR}", f"hydra.run.dir={run_dir}"]
-    if ray_head:
-        overrides += [
-            f"+simulation.backend.init_args.address={ray_head}",
-            "~simulation.backend.init_args.include_dashboard",
-        ]
-    done = _cli(*overrides)
+    done = _cli("debug=tiny", f"data.cache_dir={CACHE_DIR}", f"hydra.run.dir={run_dir}", *attach)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir
 
@@ -146,7 +150,7 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(
 
 
 def test_a_run_killed_after_its_last_checkpoint_finishes_with_that_model(
-    finished_run: Path, tmp_path: Path
+    finished_run: Path, attach: list[str], tmp_path: Path
 ) -> None:
     # Prepare: the same run as if killed during its final evaluation
     run_dir = tmp_path / "killed"
@@ -155,7 +159,7 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_with_that_model(
         (run_dir / name).unlink()
 
     # Execute
-    done = _cli(f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'resume'}")
+    done = _cli(f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'resume'}", *attach)
 
     # Assert: the final model and numbers are the uninterrupted run's
     assert done.returncode == 0, done.stderr[-3000:]

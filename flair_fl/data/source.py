@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from flair_fl.config_checks import ConfigError
 from flair_fl.data.hdf5 import FlairHDF5, FlairReader, LabelSet
 from flair_fl.data.partition import IidPartition
 from flair_fl.data.prepare import prepare_flair
@@ -100,6 +101,15 @@ class FederatedData:
                     f"{self.hdf5_path}: the run needs the '{split}' split, which is missing "
                     f"or empty (splits present: {', '.join(present) or 'none'})"
                 )
+
+
+def check_label(data: FederatedData) -> None:
+    """Refuse an unknown `data.binary_label` now (the label mapping is in the file's
+    metadata), not in the first evaluation."""
+    try:
+        data.label_index  # noqa: B018 (cached: read once, here)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def hdf5_data(

@@ -17,6 +17,7 @@ run has diverged and stops (outcome.diverged) without touching the last good mod
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -66,6 +67,9 @@ class RoundPlan:
     transport: MessageTransport = field(default_factory=MessageTransport)
     min_replies: int = 1  # fewer usable updates: the round is skipped (model unchanged)
     poll_interval: float = 0.005  # seconds between polls for replies
+    # The fault client.faults injects into (round, user), if any: such failures are reported
+    # as injected, not blamed on the learning rate or the machine.
+    fault_of: Callable[[int, str], str | None] | None = None
 
 
 @dataclass
@@ -77,6 +81,9 @@ class LoopOutcome:
     stop_reason: str | None = None
     error: BaseException | None = None
     diverged: bool = False
+    rounds_run: int = 0  # by this process (a resumed run counts from its resumption)
+    rounds_skipped: int = 0
+    failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAILURE_KINDS, 0))
 
 
 def _cohort_messages(
@@ -167,6 +174,8 @@ class _RoundFold:
     accepted: list[Message] = field(default_factory=list)  # without their arrays
     busy_s: float = 0.0
     round_label: str = ""
+    fault_of: Callable[[int], str | None] = lambda index: None  # cohort index -> injected
+    injected: int = 0  # failures and rejections that client.faults injected
 
     def __call__(self, index: int, reply: Message | None) -> None:
         started = time.perf_counter()
@@ -180,17 +189,15 @@ class _RoundFold:
     def _fold(self, index: int, reply: Message | None) -> None:
         if reply is None:
             self.failures["timeout"] += 1
+            self.injected += self.fault_of(index) is not None
             return
         if reply.has_error():
             kind = failure_kind(reply)
             self.failures[kind] += 1
-            log.warning(
-                "%s: client %d failed (%s): %s",
-                self.round_label,
-                index,
-                kind,
-                (reply.error.reason or "")[-300:],
-            )
+            fault = self.fault_of(index)
+            self.injected += fault is not None
+            why = f"injected fault ({fault}, client.faults)" if fault else str(reply.error.reason)
+            log.warning("%s: client %d failed (%s): %s", self.round_label, index, kind, why[-300:])
             return
         record = reply.content.metric_records[METRICS_KEY]
         loss = float(record.get("train-loss", 0.0))  # type: ignore[arg-type]
@@ -202,6 +209,9 @@ class _RoundFold:
         )
         if reason:
             self.failures["rejected"] += 1
+            if self.fault_of(index) is not None:
+                self.injected += 1
+                reason = f"{reason} (injected fault, client.faults)"
             user = reply.content.config_records[META_KEY].get("user-id")
             log.warning("%s: update of user %s rejected: %s", self.round_label, user, reason)
             return
@@ -210,6 +220,12 @@ class _RoundFold:
             del reply.content.array_records[ARRAYS_KEY]
         self.accepted.append(reply)
         self.template = self.template or reply
+
+
+def _injected(
+    fault_of: Callable[[int, str], str | None], server_round: int, users: list[str], index: int
+) -> str | None:
+    return fault_of(server_round, users[index])
 
 
 def _reduction_for(strategy: Strategy, weight_key: str) -> Reduction:
@@ -266,6 +282,8 @@ def run_rounds(
             weight_key,
             round_label=f"round {server_round}",
         )
+        if plan.fault_of is not None:
+            fold.fault_of = functools.partial(_injected, plan.fault_of, server_round, users)
         sent = time.perf_counter()
         exchange(grid, messages, plan.round_timeout, plan.poll_interval, fold)
         if stop := stopping.requested():  # abandon the round: the model stays the last round's
@@ -276,11 +294,20 @@ def run_rounds(
         summary = fold.metrics.result()
         ok, rejected = fold.reduction.count, fold.failures["rejected"]
         skipped = ok < plan.min_replies
+        outcome.rounds_run += 1
+        outcome.rounds_skipped += skipped
+        for kind, count in fold.failures.items():
+            outcome.failures[kind] += count
         if ok == 0 and rejected > 0:
             outcome.diverged = True
+            cause = (
+                "all injected by client.faults (kind nan), not a learning problem"
+                if fold.injected >= rejected
+                else "lower client.lr?"
+            )
             outcome.stop_reason = (
                 f"training diverged in round {server_round}: all {rejected} client updates "
-                "were NaN/inf; the model of the last good round is kept (lower client.lr?)"
+                f"were NaN/inf; the model of the last good round is kept ({cause})"
             )
         elif skipped:
             log.warning(
