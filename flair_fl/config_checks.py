@@ -58,7 +58,10 @@ BOUNDS: tuple[Bound, ...] = (
     B("checkpoint_every", INT, 0),
     B("min_replies", INT, 1, "cohort_size"),
     B("server_lr_schedule.warmup_rounds", INT, 0, "num_rounds"),
-    B("server_lr_schedule.final_factor", NUMBER, 0),
+    B("server_lr_schedule.final_factor", NUMBER, 0, 1),
+    B("server_lr_schedule.lr_end", NUMBER, 0),
+    B("server_lr_schedule.training_steps", INT, 1, allow_none=True),
+    B("server_lr_schedule.power", NUMBER, 0, open_low=True),
     B("client.epochs", INT, 1),
     B("client.batch_size", INT, 1),
     B("client.lr", NUMBER, 0, open_low=True),
@@ -121,7 +124,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "aggregation": ("uniform", "examples"),
     "client.precision": ("fp32", "bf16"),
-    "server_lr_schedule.kind": ("constant", "warmup_decay"),
     "data.label_set": ("coarse", "fine"),
     "data.partition": ("natural", "iid"),
     "simulation.transport": ("shared", "message"),
@@ -139,7 +141,6 @@ SECTIONS: dict[str, str | None] = {
     "simulation.backend": "simulation",
     "simulation.backend.client_resources": "simulation",
 }
-TOP_LEVEL_GROUPS = ("mode", "data", "model", "strategy", "privacy", "simulation", "logger")
 RAY_RESOURCES = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_type")
 
 
@@ -257,8 +258,8 @@ def _known_keys(source: str | None, section: str) -> frozenset[str]:
         found, sub = _present(node, inner) if inner else (True, node)  # type: ignore[arg-type]
         if found and isinstance(sub, DictConfig):
             keys.update(str(k) for k in sub)
-    if section == "":
-        keys.update(TOP_LEVEL_GROUPS)
+    if section == "":  # every directory under conf/ is a config group
+        keys.update(p.name for p in CONF_DIR.iterdir() if p.is_dir())
     if section == "simulation.backend.client_resources":
         keys.update(RAY_RESOURCES)
     return frozenset(keys)
@@ -339,5 +340,10 @@ def check_config(cfg: DictConfig, limits: dict[str, float] | None = None) -> Non
 
 
 def validate_run_config(cfg: DictConfig, num_train_users: int | None = None) -> None:
-    """`check_config`, with the train population once it is known (bounds cohort_size)."""
-    check_config(cfg, None if num_train_users is None else {"train users": num_train_users})
+    """`check_config`, with the train population once it is known (it bounds cohort_size,
+    unless users are sampled with replacement)."""
+    with_replacement = _target(cfg, "sampler").endswith("WithReplacementSampler")
+    limits = None
+    if num_train_users is not None and not with_replacement:
+        limits = {"train users": float(num_train_users)}
+    check_config(cfg, limits)
