@@ -109,6 +109,7 @@ def test_resume_with_a_changed_key_is_refused_with_the_keys(
 ) -> None:
     cfg = compose_config([*run_overrides, "num_rounds=1"])
     run_experiment(cfg, tmp_path)
+    (tmp_path / "results.json").unlink()  # as if killed in its final evaluation: resumable
 
     changed = compose_config(
         [
