@@ -110,6 +110,9 @@ BOUNDS: tuple[Bound, ...] = (
     B("privacy.population_size", INT, 1, allow_none=True),
     B("privacy.max_epsilon", NUMBER, 0, open_low=True, allow_none=True),
     B("privacy.max_grad_norm", NUMBER, 0, open_low=True),
+    B("privacy.min_separation", INT, 1),
+    B("privacy.bands", INT, 1, "privacy.min_separation", allow_none=True),
+    B("sampler.min_separation", INT, 1),
     B("privacy.batch_size", INT, 1),
     B("privacy.adaptive.target_unclipped_quantile", NUMBER, 0, 1),
     B("privacy.adaptive.learning_rate", NUMBER, 0, open_low=True),
@@ -150,7 +153,9 @@ def _target(cfg: DictConfig, key: str) -> str:
 
 
 def _central_dp(cfg: DictConfig) -> bool:
-    return _target(cfg, "privacy").endswith("CentralDP")
+    """Central DP of any kind (dp, dp_adaptive, dp_bmf): the server clips users' updates."""
+    node = cfg.get("privacy")
+    return isinstance(node, DictConfig) and "clip_norm" in node
 
 
 def _federated(cfg: DictConfig) -> bool:
@@ -162,12 +167,12 @@ def _federated(cfg: DictConfig) -> bool:
 COMBINATIONS: tuple[tuple[Callable[[DictConfig], bool], str], ...] = (
     (
         lambda c: _central_dp(c) and _target(c, "strategy.server").endswith("Scaffold"),
-        "privacy=dp/dp_adaptive with strategy=scaffold: central DP clips and noises model "
+        "privacy=dp/dp_adaptive/dp_bmf with strategy=scaffold: central DP clips and noises model "
         "weights only, SCAFFOLD's control variates would bypass it; use another strategy",
     ),
     (
         lambda c: _central_dp(c) and c.get("aggregation") == "examples",
-        "privacy=dp/dp_adaptive needs aggregation=uniform: with example weights one user's "
+        "privacy=dp/dp_adaptive/dp_bmf needs aggregation=uniform: with example weights one user's "
         "contribution is not bounded by C / cohort, so the noise would not cover it",
     ),
     (

@@ -26,8 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        (["privacy=dp", "strategy=scaffold"], "privacy=dp/dp_adaptive with strategy=scaffold"),
+        (["privacy=dp", "strategy=scaffold"], "privacy=dp/dp_adaptive/dp_bmf with"),
         (["privacy=dp_adaptive", "strategy=scaffold"], "with strategy=scaffold"),
+        (["privacy=dp_bmf", "strategy=scaffold"], "with strategy=scaffold"),
+        (["privacy=dp_bmf", "privacy.bands=60"], "privacy.bands=60: must be in [1, 48]"),
         (["privacy=dp", "aggregation=examples"], "needs aggregation=uniform"),
         (["mode=central", "privacy=dp_sgd"], "mode=central trains without"),
         (["privacy=dp", "privacy.noise_multiplier=inf"], "privacy.noise_multiplier=inf: must be a"),
