@@ -6,19 +6,31 @@ STAMP := $(VENV)/.installed
 export FLWR_TELEMETRY_ENABLED := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-slow test-full lint format typecheck explore clean
+.PHONY: help setup lock run test test-slow test-full lint format typecheck explore clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# The venv is installed from requirements.lock (every package pinned, CI and fresh machines
+# alike) by uv; uv itself is bootstrapped with pip at the version the lock pins (flwr needs it).
+UV := $(VENV)/bin/uv
+UV_VERSION := $(shell sed -n 's/^uv==\([^ ;]*\).*/\1/p' requirements.lock)
+
+$(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	test -x $(UV) || $(PY) -m pip install --quiet --disable-pip-version-check 'uv==$(UV_VERSION)'
+	$(UV) pip sync --quiet --python $(PY) requirements.lock
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	touch $(STAMP)
 
-setup: $(STAMP) ## Create .venv and install flair-fl (editable) with dev tools; idempotent
+setup: $(STAMP) ## Create .venv from requirements.lock (flair-fl editable, dev tools); idempotent
+
+lock: ## Re-resolve requirements.lock from pyproject.toml (after changing dependencies)
+	test -x $(UV) || $(MAKE) setup
+	$(UV) pip compile --quiet pyproject.toml --extra dev --extra hf --universal \
+		--python-version 3.11 $(ARGS) -o requirements.lock
+	@echo "requirements.lock updated; 'make setup' installs it"
 
 run: setup ## Run the main job on the embedded synthetic default (python -m flair_fl.run)
 	$(PY) -m flair_fl.run $(ARGS)
