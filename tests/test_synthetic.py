@@ -1,4 +1,4 @@
-"""The synthetic generator reproduces FLAIR's shape (shared/FLAIR_STATS.md), deterministically."""
+"""The synthetic generator reproduces FLAIR's shape (docs/REFERENCE.md), deterministically."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Synthetic FLAIR: a learnable stand-in written in FLAIR's exact raw layout.
 
-Shaped after the real dataset (shared/FLAIR_STATS.md): the 17 coarse labels with their real
+Shaped after the real dataset (docs/REFERENCE.md): the 17 coarse labels with their real
 image shares (~2.8 per image), fine labels that map to them through label_relationship.txt
 (the coarse names included), user-disjoint 8:1:1 splits, heavy-tailed images per user, and
 non-IID users (label preferences and a photographic style of their own). Every label leaves a

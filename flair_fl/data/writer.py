@@ -1,6 +1,6 @@
 """Write FLAIR into an open HDF5 file: structure and labels first, then images in any order.
 
-Layouts (DESIGN.md):
+Layouts:
 - `pfl` (default): pfl-research's per-user layout with row/col label indices and
   `/metadata/{label_mapping,fine_grained_label_mapping}`.
 - `mlflair`: ml-flair's per-user layout, labels as '|'-joined strings and label counters.

@@ -32,7 +32,7 @@ WAIT_SLICE_S = 0.25  # a client's reply is awaited in slices, to see a stop requ
 
 
 class _DropDeprecation(logging.Filter):
-    """run_simulation is the only in-process API that fits Hydra (shared/FLOWER_NOTES.md);
+    """run_simulation is the only in-process API that fits Hydra (docs/REFERENCE.md);
     its deprecation notice would otherwise open every run twice. Once the run is stopping,
     Flower's tracebacks of the clients cut short (Ctrl-C reaches the actors too) go as well."""
 

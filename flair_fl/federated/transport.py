@@ -2,7 +2,7 @@
 
 `message` (Flower's own path): the global weights ride in every train message as an
 ArrayRecord and each update comes back as one; every hop serialises, copies and hashes
-~45 MB for ResNet18 (shared/FLOWER_NOTES.md: ~190 ms per client on 2 cores).
+~45 MB for ResNet18 (docs/REFERENCE.md: ~190 ms per client on 2 cores).
 
 `shared` (default, one node): the driver writes the round's global weights once into a
 flat float32 file under a RAM-backed directory (/dev/shm); a message carries only its path
