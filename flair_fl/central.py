@@ -109,6 +109,8 @@ def run_central(
     evaluator = CentralEvaluator(model, data, cfg.eval.batch_size, device)
     loggers = build_loggers(cfg, out)
     initial_val = evaluator(ArrayRecord(trainable_state(model)), "val")
+    for logger in loggers:
+        logger.log_untrained(initial_val)
     print(
         f"flair-fl central: {sum(data.reader.population('train').values())} train images, "
         f"{epochs} epochs, batch {batch_size}; untrained val macro AP "

@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from flair_fl.data.source import FederatedData
 from flair_fl.durable import write_atomically
 from flair_fl.federated.client_app import METRICS_KEY, metric_state_from_record
 from flair_fl.federated.server_app import LoopOutcome
-from flair_fl.loggers import LoggerErrors, RunLogger, start_logger
+from flair_fl.loggers import LoggerErrors, RunLogger, SafeLogger, start_logger
 from flair_fl.loggers.console import ConsoleProgress
 from flair_fl.metrics import MetricState
 from flair_fl.models.params import load_trainable, trainable_state
@@ -58,7 +58,7 @@ def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
         raise
 
 
-def build_loggers(cfg: DictConfig, out: Path) -> list[RunLogger]:
+def build_loggers(cfg: DictConfig, out: Path) -> list[SafeLogger]:
     """Every logger of the `logger` group; each gets the run dir and the resolved config.
 
     Each runs behind a `SafeLogger`: a logger that fails is reported and counted in
@@ -66,7 +66,7 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[RunLogger]:
     """
     run_config = OmegaConf.to_container(cfg, resolve=True)
     errors = LoggerErrors()
-    loggers: list[RunLogger] = []
+    loggers: list[SafeLogger] = []
     for name, node in cfg.logger.items():
         factory = build(node, f"logger.{name}", _partial_=True)  # run_config is data, not config
         loggers.append(start_logger(str(name), factory, errors, out_dir=out, run_config=run_config))
@@ -138,7 +138,7 @@ class RoundTracker:
         eval_every: int,
         evaluator: CentralEvaluator,
         privacy: Privacy,
-        loggers: list[RunLogger],
+        loggers: Sequence[RunLogger],
         out: Path,
         initial_val: dict[str, float],
         test_at_end: bool = True,
@@ -152,7 +152,9 @@ class RoundTracker:
         self.evaluator, self.privacy, self.loggers = evaluator, privacy, loggers
         self.out, self.initial_val = out, initial_val
         self.started = time.perf_counter()
-        self.best: dict[str, Any] = {"round": 0, **initial_val}
+        # Best val model over *trained* rounds ({} until one is evaluated): the untrained
+        # model is never "best", so best_test_* always belongs to a trained model.
+        self.best: dict[str, Any] = {}
         self.best_arrays: ArrayRecord | None = None
         self.progress = ConsoleProgress(num_rounds, unit=unit)
         self.diverged: str | None = None  # why the run stopped as diverged
@@ -170,7 +172,7 @@ class RoundTracker:
                     f"training diverged in round {server_round}: the global model's val loss "
                     f"is {metrics['val_loss']}"
                 )
-            elif metrics["val_macro_ap"] > self.best["val_macro_ap"]:
+            elif not self.best or metrics["val_macro_ap"] > self.best["val_macro_ap"]:
                 self.best = {
                     "round": server_round,
                     **{k: v for k, v in metrics.items() if k.startswith("val_")},
@@ -195,9 +197,7 @@ class RoundTracker:
             "rounds": outcome.rounds_done,
             "stop_reason": reason,
             "diverged": diverged,
-            "untrained_val_macro_ap": self.initial_val["val_macro_ap"],
-            "best_round": self.best["round"],
-            **{f"best_{k}": v for k, v in self.best.items() if k.startswith("val_")},
+            **self._untrained_and_best(),
             "wall_time_s": time.perf_counter() - self.started,
         }
         for logger in self.loggers:
@@ -220,6 +220,19 @@ class RoundTracker:
         )
         return RunStopped(stop, f"after round {done} of {self.num_rounds}; {kept}")
 
+    def _untrained_and_best(self) -> dict[str, Any]:
+        """Summary keys: every untrained (round 0) val metric, and the best trained round's
+        (`best_round` None when no trained round was evaluated)."""
+        return {
+            **{f"untrained_{k}": v for k, v in self.initial_val.items()},
+            "best_round": self.best.get("round"),
+            **{f"best_{k}": v for k, v in self.best.items() if k.startswith("val_")},
+        }
+
+    def _noise_multiplier(self) -> dict[str, Any]:
+        z = self.privacy.describe().get("noise_multiplier")
+        return {} if z is None else {"privacy_noise_multiplier": z}
+
     def state_dict(self) -> dict[str, Any]:
         """Best-val bookkeeping for checkpoints."""
         best = None if self.best_arrays is None else dict(self.best_arrays.to_torch_state_dict())
@@ -227,7 +240,8 @@ class RoundTracker:
 
     def resume(self, state: dict[str, Any], last_round: int) -> None:
         """Continue after `last_round`: best-val state back, metrics files cut to it."""
-        self.best = state["best"]
+        # Checkpoints from before best-over-trained-rounds may hold the untrained model.
+        self.best = state["best"] if state["best"].get("round") else {}
         if state["best_arrays"] is not None:
             self.best_arrays = ArrayRecord(state["best_arrays"])
         self.progress = ConsoleProgress(self.num_rounds, start_round=last_round + 1, unit=self.unit)
@@ -254,12 +268,16 @@ class RoundTracker:
         summary: dict[str, Any] = {
             "rounds": outcome.rounds_done,
             "stop_reason": outcome.stop_reason,
-            "untrained_val_macro_ap": self.initial_val["val_macro_ap"],
-            "untrained_val_micro_ap": self.initial_val["val_micro_ap"],
-            "best_round": self.best["round"],
-            **{f"best_{k}": v for k, v in self.best.items() if k.startswith("val_")},
         }
-        summary.update({f"final_{k}": v for k, v in self.evaluator(final, "val").items()})
+        final_val = self.evaluator(final, "val")
+        if outcome.rounds_done and (
+            not self.best or final_val["val_macro_ap"] > self.best["val_macro_ap"]
+        ):  # the last round was not evaluated (stopped early) and beats the best so far
+            self.best = {"round": outcome.rounds_done, **final_val}
+            self.best_arrays = final
+            atomic_save(self.evaluator.model.state_dict(), self.out / "model_best.pt")
+        summary.update(self._untrained_and_best())
+        summary.update({f"final_{k}": v for k, v in final_val.items()})
         atomic_save(self.evaluator.model.state_dict(), self.out / "model_final.pt")
         if self.test_at_end:  # as ml-flair: test with the best-val model, and the final one
             summary.update({f"final_{k}": v for k, v in self.evaluator(final, "test").items()})
@@ -269,6 +287,7 @@ class RoundTracker:
         summary.update(
             {f"privacy_{k}": v for k, v in self.privacy.round_metrics(outcome.rounds_done).items()}
         )
+        summary.update(self._noise_multiplier())
         summary["wall_time_s"] = time.perf_counter() - self.started
         for logger in self.loggers:
             logger.log_summary(summary)
@@ -310,11 +329,14 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
             "val micro AP (untrained -> final)",
             f"{summary['untrained_val_micro_ap']:.4f} -> {summary['final_val_micro_ap']:.4f}",
         ),
-        (
-            "best val macro AP",
-            f"{summary['best_val_macro_ap']:.4f} (round {summary['best_round']})",
-        ),
     ]
+    if "best_val_macro_ap" in summary:
+        rows.append(
+            (
+                "best val macro AP",
+                f"{summary['best_val_macro_ap']:.4f} (round {summary['best_round']})",
+            )
+        )
     if "best_test_macro_ap" in summary:
         rows.append(
             (

@@ -182,6 +182,9 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     evaluator = CentralEvaluator(model, data, cfg.eval.batch_size, device_for(cfg.device))
     loggers = build_loggers(cfg, out)
     initial_val = checkpoint["initial_val"] if checkpoint else evaluator(initial, "val")
+    if not checkpoint:
+        for logger in loggers:
+            logger.log_untrained(initial_val)
     print(
         f"flair-fl: {len(train_users)} train users, cohort {cfg.cohort_size}, "
         f"{cfg.num_rounds} rounds, {data.num_labels} labels ({data.label_set}); untrained "

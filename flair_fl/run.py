@@ -1,6 +1,6 @@
 """Entry point: `python -m flair_fl.run [group=option ...] [key=value ...]` (Hydra).
 
-Returns the best val macro AP, the metric Hydra sweepers maximise.
+Returns the best val macro AP over trained rounds, the metric Hydra sweepers maximise.
 """
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ def main(cfg: DictConfig) -> float:
             with run_dir_lock(run_dir) if run_dir.is_dir() else contextlib.nullcontext():
                 if cfg.get("resume"):
                     if (done := report_finished(run_dir)) is not None:  # before recomposing
-                        return float(done["best_val_macro_ap"])
+                        return float(done.get("best_val_macro_ap", float("-inf")))
                     cfg = resume_config(cfg)
                 summary = execute(cfg, job_dir)
         except Exception as err:  # recorded, cleaned up; a sweep goes on (see job_failure.py)
             return job_failed(err, Path(job_dir), bool(cfg.get("sweep_continue_on_error", True)))
-    return float(summary["best_val_macro_ap"])
+    # No trained round evaluated (e.g. a budget stop before round 1): nothing to score.
+    return float(summary.get("best_val_macro_ap", float("-inf")))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ it finished, `summary.json`. Jobs are grouped by their overrides minus the avera
 (`seed` by default); each group is one setting (one table row). The std is the sample
 standard deviation (ddof=1, as numpy's `std(ddof=1)`), empty for a single value. Jobs with
 no `summary.json` (failed: see their `error.txt`, or interrupted) are counted per setting.
+`n` is the finished jobs of a setting; a cell that averages fewer (a metric some finished
+jobs lack, e.g. no test split evaluated) says how many it averages: `0.4 ± 0.1 (n=2)`.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class Row:
         mean = statistics.fmean(values) if values else None
         std = statistics.stdev(values) if len(values) > 1 else None
         return mean, std
+
+    def count(self, metric: str) -> int:
+        """How many jobs the metric's cell averages."""
+        return len(self.values.get(metric, []))
 
 
 @dataclass
@@ -160,10 +166,13 @@ def summarize(
     return SweepTable(reported, over, keys, common, list(rows.values()), failures)
 
 
-def _cell(mean: float | None, std: float | None, digits: int) -> str:
+def _cell(row: Row, metric: str, digits: int) -> str:
+    mean, std = row.mean_std(metric)
     if mean is None:
         return "-"
-    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+    text = f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+    count = row.count(metric)
+    return text if count == row.done else f"{text} (n={count})"
 
 
 def table_rows(table: SweepTable, digits: int = 4) -> tuple[list[str], list[list[str]]]:
@@ -174,7 +183,7 @@ def table_rows(table: SweepTable, digits: int = 4) -> tuple[list[str], list[list
             *row.setting.values(),
             str(row.done),
             str(row.failed),
-            *(_cell(*row.mean_std(m), digits) for m in table.metrics),
+            *(_cell(row, m, digits) for m in table.metrics),
         ]
         for row in table.rows
     ]
@@ -183,7 +192,10 @@ def table_rows(table: SweepTable, digits: int = 4) -> tuple[list[str], list[list
 
 def _legend(table: SweepTable) -> str:
     over = ", ".join(table.over) or "nothing"
-    return f"Mean ± sample std (ddof=1) over {over}; n = finished jobs"
+    return (
+        f"Mean ± sample std (ddof=1) over {over}; n = finished jobs "
+        "(a cell averaging fewer says its own n)"
+    )
 
 
 def format_text(table: SweepTable, digits: int = 4) -> str:
@@ -228,19 +240,15 @@ def write_csv(table: SweepTable, path: Path) -> None:
                 *table.keys,
                 "n",
                 "failed",
-                *(f"{m}_{s}" for m in table.metrics for s in ("mean", "std")),
+                *(f"{m}_{s}" for m in table.metrics for s in ("mean", "std", "n")),
             ]
         )
         for row in table.rows:
-            stats = [row.mean_std(m) for m in table.metrics]
-            writer.writerow(
-                [
-                    *row.setting.values(),
-                    row.done,
-                    row.failed,
-                    *("" if v is None else repr(v) for pair in stats for v in pair),
-                ]
-            )
+            cells = []
+            for metric in table.metrics:
+                cells += ["" if v is None else repr(v) for v in row.mean_std(metric)]
+                cells.append(str(row.count(metric)))
+            writer.writerow([*row.setting.values(), row.done, row.failed, *cells])
 
 
 def write_outputs(table: SweepTable, out_dir: Path, digits: int = 4) -> list[Path]:

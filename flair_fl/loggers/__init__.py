@@ -78,6 +78,12 @@ class SafeLogger:
         if self.inner is not None:
             self._guard("log_round", self.inner.log_round, server_round, metrics)
 
+    def log_untrained(self, metrics: dict[str, Any]) -> None:
+        """The untrained model's val metrics (round 0), to loggers that chart them (W&B)."""
+        log_untrained = getattr(self.inner, "log_untrained", None)
+        if log_untrained is not None:
+            self._guard("log_untrained", log_untrained, metrics)
+
     def resume_from(self, last_round: int) -> None:
         """Forwarded to loggers that keep history (`RoundTracker.resume`); others skip it."""
         resume_from = getattr(self.inner, "resume_from", None)

@@ -91,6 +91,10 @@ class WandbLogger:
     def log_round(self, server_round: int, metrics: dict[str, Any]) -> None:
         self.run.log(numeric_metrics(metrics), step=server_round)
 
+    def log_untrained(self, metrics: dict[str, Any]) -> None:
+        """The untrained model's val metrics as step 0, so every chart starts there."""
+        self.run.log(numeric_metrics(metrics), step=0)
+
     def log_summary(self, summary: dict[str, Any]) -> None:
         self.run.summary.update(dict(summary))
         self.summarized = True

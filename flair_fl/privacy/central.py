@@ -15,6 +15,7 @@ the accountant's figures, the per-round metrics and the budget stop.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -40,6 +41,7 @@ from flair_fl.privacy.dp_strategy import (
     RoundStats,
 )
 
+log = logging.getLogger(__name__)
 UNIFORM_WEIGHT_KEY = "uniform-weight"  # flair_fl.federated.client_app's per-user weight
 
 
@@ -49,7 +51,7 @@ class AdaptiveClipping:
 
     target_unclipped_quantile: float = 0.1  # gamma: C tracks this quantile of update norms
     learning_rate: float = 0.2  # eta_C of the geometric update
-    clipped_count_stddev: float | None = None  # sigma_b; None: noise cohort / 20
+    clipped_count_stddev: float | None = None  # sigma_b; None: max(noise cohort / 20, z)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target_unclipped_quantile <= 1.0:
@@ -147,6 +149,15 @@ class CentralDP:
                 f"{noise_cohort}"
             )
         delta = float(self.delta) if self.delta is not None else default_delta(population)
+        if delta > 1 / population:
+            log.warning(
+                "privacy.delta=%.3g exceeds 1/population = %.3g (%d users): a mechanism may "
+                "then release one user's data outright with probability delta; choose "
+                "delta < 1/population (null gives ml-flair's 1/n^1.1)",
+                delta,
+                1 / population,
+                population,
+            )
         if self.noise_multiplier is not None:
             z = float(self.noise_multiplier)
         else:
@@ -166,7 +177,9 @@ class CentralDP:
                 raise ConfigError(f"privacy.epsilon={self.epsilon}: {err}") from None
         count_stddev, z_update = None, z
         if self.adaptive is not None:
-            count_stddev = float(self.adaptive.clipped_count_stddev or noise_cohort / 20)
+            count_stddev = float(
+                self.adaptive.clipped_count_stddev or default_count_stddev(noise_cohort, z)
+            )
             try:
                 z_update = update_noise_multiplier(z, count_stddev)
             except ValueError as err:
@@ -347,6 +360,13 @@ class CentralDP:
             ),
         )
         return settings
+
+
+def default_count_stddev(noise_cohort: int, noise_multiplier: float) -> float:
+    """sigma_b when `clipped_count_stddev` is null: ml-flair's noise cohort / 20, raised to
+    z where that is too small (small cohorts): Andrew et al.'s split needs 2 sigma_b > z, and
+    sigma_b >= z keeps the update noise within 2/sqrt(3) = 1.155 times z."""
+    return max(noise_cohort / 20, noise_multiplier)
 
 
 def _positive(key: str, value: float) -> None:
