@@ -132,7 +132,9 @@ def test_run_with_wandb_offline_and_a_broken_logger_completes(
     (run_dir,) = offline_runs(tmp_path)
     run = read_offline_run(run_dir)
     steps = _steps(run)
-    assert sorted(steps) == [1, 2]
+    assert sorted(steps) == [0, 1, 2]  # step 0: the untrained model's val metrics
+    assert steps[0]["val_macro_ap"] == summary["untrained_val_macro_ap"]
+    assert steps[0]["val_loss"] == summary["untrained_val_loss"]
     for row in rows:
         numeric = {k: v for k, v in row.items() if k != "round" and isinstance(v, numbers.Real)}
         assert numeric and {k: steps[row["round"]][k] for k in numeric} == numeric
