@@ -202,6 +202,26 @@ class SharedTransport(MessageTransport):
         shutil.rmtree(self.dir, ignore_errors=True)
         self._remove_cleanup()
 
+    def check_room(self, model_bytes: int) -> None:
+        """Before Ray starts: reserve (and free) room for the global weights and one client
+        update, so a shared dir too small for them fails now, in one line, naming the fix."""
+        probe = self.dir / "room-check"
+        try:
+            with open(probe, "wb") as handle:
+                os.posix_fallocate(handle.fileno(), 0, 2 * model_bytes)
+        except OSError as err:
+            self.close()
+            from flair_fl.config_checks import ConfigError
+
+            raise ConfigError(
+                f"simulation.shared_dir: {self.dir.parent} has no room for a round's shared "
+                f"files (the global weights and one client update, {2 * model_bytes / 2**20:.0f} "
+                f"MiB: {err.strerror}); free space there, point simulation.shared_dir at a "
+                "larger directory (e.g. /tmp), or use simulation.transport=message"
+            ) from None
+        finally:
+            probe.unlink(missing_ok=True)
+
 
 def remove_dead_runs_files(root: Path) -> list[Path]:
     """Remove the shared-transport directories under `root` whose run (pid) is dead on this
@@ -227,26 +247,6 @@ def remove_dead_runs_files(root: Path) -> list[Path]:
             ", ".join(p.name for p in removed),
         )
     return removed
-
-    def check_room(self, model_bytes: int) -> None:
-        """Before Ray starts: reserve (and free) room for the global weights and one client
-        update, so a shared dir too small for them fails now, in one line, naming the fix."""
-        probe = self.dir / "room-check"
-        try:
-            with open(probe, "wb") as handle:
-                os.posix_fallocate(handle.fileno(), 0, 2 * model_bytes)
-        except OSError as err:
-            self.close()
-            from flair_fl.config_checks import ConfigError
-
-            raise ConfigError(
-                f"simulation.shared_dir: {self.dir.parent} has no room for a round's shared "
-                f"files (the global weights and one client update, {2 * model_bytes / 2**20:.0f} "
-                f"MiB: {err.strerror}); free space there, point simulation.shared_dir at a "
-                "larger directory (e.g. /tmp), or use simulation.transport=message"
-            ) from None
-        finally:
-            probe.unlink(missing_ok=True)
 
 
 def _require_one_node() -> None:
