@@ -142,11 +142,18 @@ def test_count_noise_and_update_noise_compose_to_the_accounted_multiplier() -> N
 
 
 def test_too_little_count_noise_names_the_key() -> None:
-    # Cohort 3 -> default count std 3/20 = 0.15: z must stay below 0.3.
-    dp = CentralDP(noise_multiplier=1.0, adaptive=AdaptiveClipping())
+    # Cohort 3, count std set to 3/20 = 0.15: z = 1 needs it above 0.5.
+    dp = CentralDP(noise_multiplier=1.0, adaptive=AdaptiveClipping(clipped_count_stddev=0.15))
 
     with pytest.raises(ConfigError, match=r"privacy\.adaptive\.clipped_count_stddev"):
         dp.wrap(_fedavg(), _context(3, 32, 4))
+
+
+def test_default_count_noise_always_fits_the_noise_multiplier() -> None:
+    # Null count std: max(cohort / 20, z) = 1.0 > z / 2, so the same setting wraps.
+    dp = CentralDP(noise_multiplier=1.0, adaptive=AdaptiveClipping())
+
+    dp.wrap(_fedavg(), _context(3, 32, 4))
 
 
 def test_max_epsilon_stops_before_the_round_that_would_exceed_it() -> None:
