@@ -255,6 +255,9 @@ def test_a_run_that_does_not_stop_is_ended_after_cleanups(
 def test_a_signal_maps_to_its_status_and_handlers_come_back() -> None:
     from flair_fl import stopping
 
+    # An in-process run earlier in the session may have left its handler installed (after
+    # ray.init they are put back outside handling()): start from the default.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     before = signal.getsignal(signal.SIGTERM)
     with stopping.handling():
         assert stopping.requested() is None
