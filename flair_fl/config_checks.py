@@ -57,7 +57,7 @@ BOUNDS: tuple[Bound, ...] = (
     B("eval_every", INT, 0),
     B("checkpoint_every", INT, 0),
     B("min_replies", INT, 1, "cohort_size"),
-    B("server_lr_schedule.warmup_rounds", INT, 0, "num_rounds"),
+    B("server_lr_schedule.warmup_rounds", INT, 0),  # longer than the run: a warning (schedule.py)
     B("server_lr_schedule.final_factor", NUMBER, 0, 1),
     B("server_lr_schedule.lr_end", NUMBER, 0),
     B("server_lr_schedule.training_steps", INT, 1, allow_none=True),

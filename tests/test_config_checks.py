@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
         (["client.momentum=1"], "client.momentum=1: must be in [0, 1)"),
         (["simulation.round_timeout=inf"], "simulation.round_timeout=inf: must be a finite"),
         (["min_replies=4", "cohort_size=3"], "min_replies=4: must be in [1, 3] (3: cohort_size)"),
-        (["server_lr_schedule.warmup_rounds=50", "num_rounds=10"], "(10: num_rounds)"),
+        (["server_lr_schedule.warmup_rounds=-1"], "warmup_rounds=-1: must be in [0, inf]"),
         (["+client.foo=1"], "client.foo: unknown key (known: batch_size,"),
         (["+client.faults.rate=0.5"], "client.faults.rate: unknown key"),
         (["+eval.every=3"], "eval.every: unknown key"),
@@ -158,3 +158,12 @@ def test_cli_refuses_in_one_line_with_status_2_before_ray(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("flair-fl: error: ") and needle in lines[0]
     assert not ray_dir.exists()  # Ray never started
+
+
+def test_a_run_shorter_than_the_warm_up_is_accepted() -> None:
+    # A one-round smoke run of a paper preset (warm-up 30) is legitimate; schedule.py warns
+    cfg = compose_config(["experiment=fl_r_17", "num_rounds=1"])
+
+    problems = config_problems(cfg)
+
+    assert not any("warmup_rounds" in problem for problem in problems), problems

@@ -157,7 +157,7 @@ def test_grid_sweep_goes_on_after_a_failed_job(run_overrides: list[str], tmp_pat
     assert [run.exit_code for run in runs] == [1, 0]  # the crashed job's W&B run was finished
     assert runs[0].group == runs[1].group == f"{tmp_path.name}/sweep"
     assert runs[0].name != runs[1].name and "run_if_clean" in runs[1].name
-    assert sorted(int(row["_step"]) for row in runs[1].history) == [1, 2]
+    assert sorted(int(row["_step"]) for row in runs[1].history) == [0, 1, 2]  # 0: untrained
     # The sweep's summary lists the failed job
     table = subprocess.run(
         [sys.executable, "scripts/summarize.py", str(sweep_dir)],
