@@ -45,7 +45,12 @@ from flair_fl.federated.client_app import (
     make_client_app,
 )
 from flair_fl.federated.faults import FaultSpec
-from flair_fl.federated.sampling import CohortSampler, Sampler, derive_seed
+from flair_fl.federated.sampling import (
+    CohortSampler,
+    Sampler,
+    WithReplacementSampler,
+    derive_seed,
+)
 from flair_fl.federated.schedule import ScheduledServerLR, ServerLRSchedule
 from flair_fl.federated.server_app import LoopOutcome, RoundPlan, make_server_app
 from flair_fl.federated.simulation import run_simulation
@@ -335,6 +340,14 @@ def _sampler(cfg: DictConfig, train_users: list[str], privacy: Privacy | None = 
         sampler: Sampler = factory(train_users, cfg.cohort_size, cfg.seed)
     except ValueError as err:
         raise ConfigError(f"sampler: {err}") from None
+    mechanism = str(privacy.describe().get("mechanism", "none")) if privacy else "none"
+    if isinstance(sampler, WithReplacementSampler) and mechanism.startswith("central-dp"):
+        log.warning(
+            "sampler=with_replacement with %s: the printed epsilon assumes a user contributes "
+            "at most once per round; drawn with replacement, a user drawn twice contributes "
+            "twice, which it does not cover (pfl-research's sampler has the same gap)",
+            mechanism,
+        )
     return sampler
 
 

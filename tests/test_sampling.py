@@ -50,3 +50,19 @@ def test_with_replacement_draws_each_member_independently_and_uniformly() -> Non
 def test_a_repeated_user_gets_a_repeat_index_for_its_own_client_seed() -> None:
     assert repeat_indices(["a", "b", "a", "a", "c", "b"]) == [0, 0, 1, 2, 0, 1]
     assert repeat_indices(USERS) == [0] * 5
+
+
+@pytest.mark.parametrize(("privacy", "warned"), [("dp", True), ("dp_sgd", False), ("none", False)])
+def test_with_replacement_under_central_dp_warns_that_epsilon_does_not_cover_it(
+    privacy: str, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from hydra.utils import instantiate
+
+    cfg = compose_config(
+        [f"privacy={privacy}", "sampler=with_replacement", "cohort_size=2", "num_rounds=3"]
+    )
+
+    _sampler(cfg, [f"u{i}" for i in range(50)], instantiate(cfg.privacy))
+
+    says = [r.getMessage() for r in caplog.records if "contributes twice" in r.getMessage()]
+    assert bool(says) is warned, says
