@@ -88,6 +88,7 @@ class _State:
         self.previous: dict[int, Any] = {}
         self.grace_s = DEFAULT_GRACE_S
         self.done = threading.Event()  # set when the run is out: no forced exit any more
+        self.active = False  # inside handling(): only then may handlers be (re-)installed
 
 
 _STATE = _State()
@@ -174,8 +175,9 @@ def _handler(signum: int, frame: FrameType | None) -> None:
 
 def install_handlers() -> None:
     """(Re-)install the handlers: call again after a library replaced them (`ray.init`
-    installs its own SIGTERM handler, which exits at once)."""
-    if threading.current_thread() is not threading.main_thread():
+    installs its own SIGTERM handler, which exits at once). Outside `handling()` (a library
+    caller of run_experiment owns its process's signals) it does nothing."""
+    if not _STATE.active or threading.current_thread() is not threading.main_thread():
         return  # only the main thread may set handlers; the first install stays in place
     for signum in STOP_SIGNALS:
         previous = signal.signal(signum, _handler)
@@ -188,10 +190,12 @@ def handling(grace_s: float = DEFAULT_GRACE_S) -> Iterator[None]:
     """Handle `STOP_SIGNALS` for the length of a run; the previous handlers come back after."""
     _STATE.reset()  # a fresh start for every run (the jobs of a multirun share a process)
     _STATE.grace_s = grace_s
+    _STATE.active = True
     install_handlers()
     try:
         yield
     finally:
+        _STATE.active = False
         _STATE.done.set()
         if threading.current_thread() is threading.main_thread():
             for signum, previous in _STATE.previous.items():

@@ -255,9 +255,6 @@ def test_a_run_that_does_not_stop_is_ended_after_cleanups(
 def test_a_signal_maps_to_its_status_and_handlers_come_back() -> None:
     from flair_fl import stopping
 
-    # An in-process run earlier in the session may have left its handler installed (after
-    # ray.init they are put back outside handling()): start from the default.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     before = signal.getsignal(signal.SIGTERM)
     with stopping.handling():
         assert stopping.requested() is None
@@ -265,3 +262,15 @@ def test_a_signal_maps_to_its_status_and_handlers_come_back() -> None:
     assert signal.getsignal(signal.SIGTERM) is before
     statuses = {s.name: s.exit_code for s in stopping.STOP_SIGNALS.values()}
     assert statuses.items() >= {"SIGINT": 130, "SIGTERM": 143}.items()
+
+
+def test_outside_a_run_handlers_are_left_to_the_caller() -> None:
+    # An in-process caller of run_experiment (no handling()): start_ray re-installing the
+    # run's handlers after ray.init would leave them installed for good
+    from flair_fl import stopping
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    stopping.install_handlers()
+
+    assert signal.getsignal(signal.SIGTERM) is before
