@@ -439,3 +439,69 @@ def test_reader_pickles_and_reads_in_a_spawned_process(
         np.testing.assert_array_equal(there[layout].images, here[layout].images)
         np.testing.assert_array_equal(there[layout].targets, here[layout].targets)
     assert population == readers["pfl"].population("train")
+
+
+# --- image order -----------------------------------------------------------------------
+
+
+def _mlflair_central_copy(source: Path, target: Path) -> Path:
+    """`source` (a central file) rewritten as ml-flair's prepare_dataset.py writes it: groups
+    created by path, so they track no creation order."""
+    with h5py.File(source) as src, h5py.File(target, "w") as dst:
+        for split in (s for s in ("train", "val", "test") if s in src):
+            for image_id in src[split]:  # creation order here: raw order
+                for name, member in src[split][image_id].items():
+                    dst[f"/{split}/{image_id}/{name}"] = member[()]
+        for name in src["metadata"]:
+            dst[f"/metadata/{name}"] = src["metadata"][name][()]
+    return target
+
+
+def test_max_images_keeps_the_same_images_in_every_layout_flair_fl_writes(
+    prepared: dict[Layout, Path],
+    expected: dict[str, ExpectedUser],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: the user with most images, cut to two
+    user_id = user_with_most_images(expected)
+    split, cut = expected[user_id].split, 2
+    assert len(expected[user_id].images) > cut
+
+    # Execute
+    reads = {
+        layout: FlairHDF5(path).read_user(split, user_id, max_images=cut)
+        for layout, path in prepared.items()
+    }
+
+    # Assert: the raw order's first two, in each layout, and no warning
+    for layout, user in reads.items():
+        np.testing.assert_array_equal(user.images, expected[user_id].images[:cut], err_msg=layout)
+    assert not [r for r in caplog.records if "keeps no image order" in r.getMessage()]
+
+
+def test_an_unordered_central_file_warns_when_max_images_cuts_a_user(
+    prepared: dict[Layout, Path],
+    expected: dict[str, ExpectedUser],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare
+    path = _mlflair_central_copy(prepared["central"], tmp_path / "mlflair_central.hdf5")
+    reader = FlairHDF5(path)
+    user_id = user_with_most_images(expected)
+    split, n = expected[user_id].split, len(expected[user_id].images)
+
+    # Execute
+    whole = reader.read_user(split, user_id)
+    quiet = [r for r in caplog.records if "keeps no image order" in r.getMessage()]
+    reader.read_user(split, user_id, max_images=n - 1)
+    reader.read_user(split, user_id, max_images=n - 1)
+
+    # Assert: no order is tracked (name order), uncut reads are quiet, a cut warns once
+    with h5py.File(path) as h5:
+        assert list(h5[split]) == sorted(h5[split])
+    assert len(whole.images) == n and not quiet
+    # ... which is not the raw order here, so the cut keeps other images
+    assert not np.array_equal(whole.images[: n - 1], expected[user_id].images[: n - 1])
+    warned = [r for r in caplog.records if "keeps no image order" in r.getMessage()]
+    assert len(warned) == 1 and str(path) in warned[0].getMessage()

@@ -282,6 +282,8 @@ class FlairHDF5:
         with self._reading(f"user {user_id} of split '{split}'"):
             n_total = self._user_size(split, user_id)
             n = n_total if max_images is None else min(max_images, n_total)
+            if n < n_total and self.layout == "central":
+                self._warn_unordered(split)
             if n == 0:
                 raise FlairFormatError(
                     f"{self.path}: user {user_id} of split '{split}' has no images"
@@ -333,6 +335,24 @@ class FlairHDF5:
                     f"{user[name].shape[0]} entries in '{name}' (they must match)"
                 )
         return user
+
+    def _warn_unordered(self, split: str) -> None:
+        """ml-flair's central layout keeps no per-user image order (its groups do not track
+        creation order, so they read in name order); flair-fl's does. Say so once when
+        `max_images` cuts a user, as that order decides which images are kept."""
+        group = self._require_split(split)
+        warned = self.__dict__.setdefault("_warned_unordered", set())
+        if group.id.get_create_plist().get_link_creation_order() or split in warned:
+            return
+        warned.add(split)
+        log.warning(
+            "%s: a central-layout file that keeps no image order (ml-flair's "
+            "--not_group_data_by_user): a user's images are read in image-id order, so "
+            "client.max_images keeps other images than the per-user layouts and the FLAIR "
+            "references (file order) do. For the references' images, prepare a file from the "
+            "raw download with scripts/prepare_flair.py",
+            self.path,
+        )
 
     def _central_ids(self, split: str, user_id: str) -> list[str]:
         ids = self._central_index(split).get(user_id)

@@ -33,7 +33,7 @@ def draw_samples(
 
     Images are numbered in user-id order, then in each user's stored order, so a seed draws
     the same images from a raw directory and from a per-user HDF5 of it (the central layout
-    stores a user's images in image-id order, so its draw differs).
+    of ml-flair's own script keeps no order and reads in image-id order, so its draw differs).
     """
     rows = np.arange(len(users.user_ids))
     if user_id is not None:
