@@ -2,12 +2,17 @@
 
 The signals a run handles, and the status each exits with (`STOP_SIGNALS`):
 
-    SIGINT   Ctrl-C                    exit 130
-    SIGTERM  kill, scheduler time-out  exit 143
+    SIGINT   Ctrl-C                                      exit 130
+    SIGTERM  kill, scancel, pre-emption                  exit 143
+    SIGUSR1  SLURM's warning before a time limit          exit 138, or requeued (below)
+    SIGUSR2  the same (submitit's default `--signal`)     exit 140, or requeued (below)
 
 Adding one is one line, `on_signal(signal.SIGUSR1, 138, action=requeue)`: `action` runs
 after the run has stopped cleanly (checkpoint written, loggers closed, Ray down), just before
-the exit; the SLURM launcher uses it to requeue the job.
+the exit. The SIGUSR signals' action hands the signal to the handler that was in place before
+the run started (`pass_on`): in a submitit job (hydra/launcher=submitit_slurm) that is
+submitit's checkpoint-and-requeue, which requeues the job with `resume=` its run dir and
+exits with submitit's status; elsewhere there is none and the run exits 138 / 140.
 
 How a stop goes (`handling()` installs the handlers for the length of a run):
 
@@ -65,8 +70,24 @@ def on_signal(signum: int, exit_code: int, action: Hook | None = None) -> None:
     STOP_SIGNALS[signum] = StopSignal(signum, exit_code, action)
 
 
+def pass_on(signum: int) -> Hook:
+    """An action that calls the handler `signum` had before the run (if it was a function:
+    a job scheduler's, e.g. submitit's checkpoint-and-requeue, which may exit itself)."""
+
+    def action() -> None:
+        previous = _STATE.previous.get(signum)
+        if callable(previous):
+            previous(signum, None)
+
+    action.__name__ = f"pass_on_{signal.Signals(signum).name}"
+    return action
+
+
 on_signal(signal.SIGINT, 130)  # 128 + 2, as a shell reports a Ctrl-C'd program
 on_signal(signal.SIGTERM, 143)  # 128 + 15: schedulers requeue on it
+# SLURM's `--signal` (sbatch --signal=USR1@120) warns a job before its time limit ends.
+on_signal(signal.SIGUSR1, 138, action=pass_on(signal.SIGUSR1))  # 128 + 10
+on_signal(signal.SIGUSR2, 140, action=pass_on(signal.SIGUSR2))  # 128 + 12
 
 
 class RunStopped(Exception):
