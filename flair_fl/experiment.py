@@ -55,6 +55,7 @@ from flair_fl.federated.schedule import ScheduledServerLR, ServerLRSchedule
 from flair_fl.federated.server_app import LoopOutcome, RoundPlan, make_server_app
 from flair_fl.federated.simulation import run_simulation
 from flair_fl.federated.transport import make_transport
+from flair_fl.job_resources import sized_init_args
 from flair_fl.models.params import trainable_state
 from flair_fl.privacy import Privacy, PrivacyContext
 from flair_fl.run_dir import report_finished
@@ -226,14 +227,16 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         strategy, initial, plan, tracker.on_round, outcome, tracker.on_fed_eval, start_round
     )
     client_app = make_client_app(client_spec(cfg, data, privacy, out))
-    backend = OmegaConf.to_container(cfg.simulation.backend, resolve=True)
+    backend = cast(dict[str, Any], OmegaConf.to_container(cfg.simulation.backend, resolve=True))
+    # A Ray this run starts gets the job's CPUs (SLURM, taskset), not the node's.
+    backend["init_args"] = sized_init_args(backend.get("init_args") or {})
     client_timeout = cfg.simulation.get("client_timeout") or cfg.simulation.round_timeout
     if start_round <= cfg.num_rounds:
         run_simulation(
             server_app,
             client_app,
             cfg.simulation.num_supernodes,
-            backend,  # type: ignore[arg-type]
+            backend,
             outcome,
             client_timeout=float(client_timeout),
             actor_start_timeout=float(cfg.simulation.get("actor_start_timeout", 120)),
@@ -280,6 +283,10 @@ def _checkpointer(
     config.pop("resume", None)
 
     def save(server_round: int, arrays: ArrayRecord) -> None:
+        for logger in tracker.loggers:  # first: what the checkpoint covers is logged for good
+            flush = getattr(logger, "flush", None)
+            if flush is not None:
+                flush()
         save_checkpoint(
             {
                 "round": server_round,
