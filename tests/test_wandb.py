@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import numbers
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from flair_fl.loggers.wandb import RUN_ID_FILE, WandbLogger
 from tests.helpers import compose_config
 from tests.wandb_records import OfflineRun, offline_runs, read_offline_run
 
+REPO = Path(__file__).resolve().parents[1]
 SWEEP_GROUP, JOB_NAME = "2025-01-31/12-00-00", "client.lr=0.05,seed=1"
 
 
@@ -143,3 +147,44 @@ def test_run_with_wandb_offline_and_a_broken_logger_completes(
     assert run.config["num_rounds"] == 2 and run.config["logger"]["wandb"]["mode"] == "offline"
     assert run.exit_code == 0
     assert (tmp_path / "val_ap.png").is_file() and (tmp_path / "loss.png").is_file()
+
+
+KILLED_AFTER_FLUSH = """
+import sys, time
+from flair_fl.loggers.wandb import WandbLogger
+
+logger = WandbLogger(sys.argv[1], mode="offline")
+logger.log_untrained({"val_macro_ap": 0.1})
+for server_round in (1, 2, 3):
+    logger.log_round(server_round, {"train_loss": 1.0 / server_round})
+logger.flush()  # what every checkpoint does first
+print("flushed", flush=True)
+time.sleep(120)
+"""
+
+
+def test_rounds_flushed_at_a_checkpoint_survive_a_sigkill(tmp_path: Path) -> None:
+    # Prepare: a process that logs rounds 0-3, flushes as a checkpoint does, then waits
+    script = tmp_path / "child.py"
+    script.write_text(KILLED_AFTER_FLUSH)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "run")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "flushed"
+
+    # Execute: killed outright, no handler, no W&B finish
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+
+    # Assert: the offline file holds every round logged before the flush (wandb-core's
+    # writes would otherwise come every 15 s: the file held only its header)
+    (run_dir,) = offline_runs(tmp_path / "run")
+    run = read_offline_run(run_dir, timeout=0)
+    assert run.exit_code is None  # never finished: what was read is what the flush wrote
+    assert sorted(_steps(run)) == [0, 1, 2, 3]
+    assert _steps(run)[3]["train_loss"] == pytest.approx(1 / 3)

@@ -90,6 +90,12 @@ class SafeLogger:
         if resume_from is not None:
             self._guard("resume_from", resume_from, last_round)
 
+    def flush(self) -> None:
+        """Forwarded to loggers that buffer (W&B), before each checkpoint; others skip it."""
+        flush = getattr(self.inner, "flush", None)
+        if flush is not None:
+            self._guard("flush", flush)
+
     def log_summary(self, summary: dict[str, Any]) -> None:
         summary["logger_errors"] = self.errors.count
         if self.inner is not None:

@@ -1,5 +1,12 @@
 """Weights & Biases: one W&B run per Hydra job (`logger=wandb`); wandb is imported only here.
 
+Durability: a run killed outright (SIGKILL, OOM, a node lost) keeps every round W&B wrote to
+its `.wandb` file. wandb-core buffers that file and writes it every
+`x_transaction_log_flush_interval` seconds (15 by default): the logger sets that to
+`flush_interval_s` and, at every checkpoint (before the checkpoint is written), waits until
+W&B has taken every round logged so far and one flush interval has passed (`flush`), so
+the file holds at least every checkpointed round. A resumed run continues from its checkpoint.
+
 The run gets the resolved config, every numeric per-round metric with the round as the W&B
 step (train/val metrics, DP figures `dp_*`/`privacy_*` when present) and the final summary
 (test metrics, best val) in `run.summary`. Jobs of one Hydra multirun share a W&B group, so
@@ -9,6 +16,7 @@ the dashboard compares them.
 from __future__ import annotations
 
 import numbers
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +71,7 @@ class WandbLogger:
         tags: list[str] | None = None,
         notes: str | None = None,
         mode: str | None = None,
+        flush_interval_s: float = 0.25,
     ):
         import wandb
 
@@ -82,18 +91,29 @@ class WandbLogger:
             id=previous_id,
             resume="allow" if previous_id else None,
             reinit="create_new",  # sweep jobs share a process: never reuse a previous run
+            settings=wandb.Settings(x_transaction_log_flush_interval=float(flush_interval_s)),
         )
+        self.flush_interval_s = float(flush_interval_s)
         if self.run.settings.mode != "disabled":
             id_path.parent.mkdir(parents=True, exist_ok=True)
             id_path.write_text(self.run.id)
         self.summarized = False
 
     def log_round(self, server_round: int, metrics: dict[str, Any]) -> None:
-        self.run.log(numeric_metrics(metrics), step=server_round)
+        # commit: a round is logged once, whole; W&B would otherwise hold the last step back
+        # until the next one (a killed run would lose it).
+        self.run.log(numeric_metrics(metrics), step=server_round, commit=True)
 
     def log_untrained(self, metrics: dict[str, Any]) -> None:
         """The untrained model's val metrics as step 0, so every chart starts there."""
-        self.run.log(numeric_metrics(metrics), step=0)
+        self.run.log(numeric_metrics(metrics), step=0, commit=True)
+
+    def flush(self) -> None:
+        """Make every round logged so far durable in the run's `.wandb` file (module doc)."""
+        if self.run is None or self.run.settings.mode == "disabled":
+            return
+        self.run.status()  # a round trip: wandb-core has taken every record sent before it
+        time.sleep(2 * self.flush_interval_s)  # its next periodic write has happened
 
     def log_summary(self, summary: dict[str, Any]) -> None:
         self.run.summary.update(dict(summary))
