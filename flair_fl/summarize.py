@@ -34,6 +34,7 @@ DEFAULT_METRICS = (
     "final_test_micro_ap",
 )
 CSV_NAME, MARKDOWN_NAME = "sweep_summary.csv", "sweep_summary.md"
+NOT_SETTINGS = {"resume"}  # a requeued job's resume=<its dir> (the submitit launchers)
 
 
 @dataclass
@@ -144,7 +145,7 @@ def summarize(
         for job in jobs
     ]
     for setting in settings:
-        for key in set(over) & set(setting):
+        for key in (set(over) | NOT_SETTINGS) & set(setting):
             del setting[key]
     all_keys = list(dict.fromkeys(key for setting in settings for key in setting))
     keys = [k for k in all_keys if len({s.get(k) for s in settings}) > 1]
