@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ from flair_fl.resume import resume_config
 from flair_fl.run_dir import report_finished, run_dir_lock
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# conf/hydra/launcher/submitit_*.yaml are checked against the submitit plugin's schema of the
+# same name (wanted: typos in hydra.launcher.* are errors); Hydra warns of that at every sweep.
+warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema")
 
 
 def execute(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
