@@ -89,6 +89,9 @@ BOUNDS: tuple[Bound, ...] = (
     B("model.groups", INT, 1),
     B("model.width", INT, 1),
     B("strategy.proximal_mu", NUMBER, 0),
+    B("strategy.adaptive_mu.every", INT, 1),
+    B("strategy.adaptive_mu.step", NUMBER, 0, 1, open_low=True),
+    B("strategy.adaptive_mu.decrease_after", INT, 1),
     B("strategy.server.lr", NUMBER, 0, open_low=True),
     B("strategy.server.eta", NUMBER, 0, open_low=True),
     B("strategy.server.eta_l", NUMBER, 0, open_low=True),
@@ -130,6 +133,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.label_set": ("coarse", "fine"),
     "data.partition": ("natural", "iid"),
     "simulation.transport": ("shared", "message"),
+    "strategy.adaptive_mu.metric": ("val_loss",),
 }
 # Plain sections checked for unknown keys, with the conf/ files that define their keys
 # (None: conf/config.yaml). Free-form nodes (ray.init arguments) are not checked.
@@ -140,6 +144,7 @@ SECTIONS: dict[str, str | None] = {
     "eval": None,
     "server_lr_schedule": None,
     "strategy": "strategy",
+    "strategy.adaptive_mu": "strategy",
     "simulation": "simulation",
     "simulation.backend": "simulation",
     "simulation.backend.client_resources": "simulation",
@@ -162,6 +167,15 @@ def _federated(cfg: DictConfig) -> bool:
     return _target(cfg, "mode").endswith("run_experiment")
 
 
+def _adaptive_mu_unevaluated(cfg: DictConfig) -> bool:
+    """strategy.adaptive_mu adapts at rounds the central evaluation does not run."""
+    found, every = _present(cfg, "strategy.adaptive_mu.every")
+    eval_every = cfg.get("eval_every")
+    if not found or not isinstance(every, int) or not isinstance(eval_every, int):
+        return False
+    return eval_every <= 0 or every % eval_every != 0
+
+
 # (applies, message): combinations the code refuses (each would fail after Ray started, or
 # silently give what was not asked for).
 COMBINATIONS: tuple[tuple[Callable[[DictConfig], bool], str], ...] = (
@@ -174,6 +188,16 @@ COMBINATIONS: tuple[tuple[Callable[[DictConfig], bool], str], ...] = (
         lambda c: _central_dp(c) and c.get("aggregation") == "examples",
         "privacy=dp/dp_adaptive/dp_bmf needs aggregation=uniform: with example weights one user's "
         "contribution is not bounded by C / cohort, so the noise would not cover it",
+    ),
+    (
+        _adaptive_mu_unevaluated,
+        "strategy.adaptive_mu.every must be a multiple of eval_every (> 0): mu adapts on the "
+        "central val loss of those rounds",
+    ),
+    (
+        lambda c: _present(c, "strategy.adaptive_mu")[0] and _present(c, "eval.overlap")[1] is True,
+        "strategy=adafedprox with eval.overlap=true: mu must adapt before the next round "
+        "trains; use eval.overlap=false or auto",
     ),
     (
         lambda c: not _federated(c) and not _target(c, "privacy").endswith("NoPrivacy"),

@@ -26,6 +26,7 @@ from flair_fl.data.datasets import SplitDataset, build_transform
 from flair_fl.data.raw import FlairFormatError
 from flair_fl.data.source import FederatedData
 from flair_fl.durable import write_atomically
+from flair_fl.federated.adaptive_mu import AdaptiveMu
 from flair_fl.federated.client_app import METRICS_KEY, metric_state_from_record
 from flair_fl.federated.server_app import LoopOutcome
 from flair_fl.loggers import LoggerErrors, RunLogger, SafeLogger, start_logger
@@ -159,9 +160,14 @@ class RoundTracker:
         self.progress = ConsoleProgress(num_rounds, unit=unit)
         self.diverged: str | None = None  # why the run stopped as diverged
         self.checkpointed_round = 0  # the round of the checkpoint on disk (0: none)
+        # strategy=adafedprox: adapts the strategy's mu on the val metrics (its state is in
+        # the tracker's, so a checkpoint written after the round holds the adapted mu)
+        self.adaptive_mu: AdaptiveMu | None = None
 
     def on_round(self, server_round: int, arrays: ArrayRecord, metrics: dict[str, Any]) -> bool:
         metrics.update(self.privacy.round_metrics(server_round))
+        if self.adaptive_mu is not None:
+            metrics["proximal_mu"] = self.adaptive_mu.mu  # the mu this round trained with
         every = self.eval_every
         if (every and server_round % every == 0) or server_round == self.num_rounds:
             started = time.perf_counter()
@@ -179,6 +185,8 @@ class RoundTracker:
                 }
                 self.best_arrays = arrays
                 atomic_save(self.evaluator.model.state_dict(), self.out / "model_best.pt")
+            if self.adaptive_mu is not None:
+                self.adaptive_mu.observe(server_round, metrics)
         metrics["elapsed_s"] = time.perf_counter() - self.started
         self.progress.log_round(server_round, metrics)
         for logger in self.loggers:
@@ -236,7 +244,10 @@ class RoundTracker:
     def state_dict(self) -> dict[str, Any]:
         """Best-val bookkeeping for checkpoints."""
         best = None if self.best_arrays is None else dict(self.best_arrays.to_torch_state_dict())
-        return {"best": self.best, "best_arrays": best}
+        state: dict[str, Any] = {"best": self.best, "best_arrays": best}
+        if self.adaptive_mu is not None:
+            state["adaptive_mu"] = self.adaptive_mu.state_dict()
+        return state
 
     def resume(self, state: dict[str, Any], last_round: int) -> None:
         """Continue after `last_round`: best-val state back, metrics files cut to it."""
@@ -244,6 +255,8 @@ class RoundTracker:
         self.best = state["best"] if state["best"].get("round") else {}
         if state["best_arrays"] is not None:
             self.best_arrays = ArrayRecord(state["best_arrays"])
+        if self.adaptive_mu is not None:
+            self.adaptive_mu.load_state_dict(state["adaptive_mu"])
         self.progress = ConsoleProgress(self.num_rounds, start_round=last_round + 1, unit=self.unit)
         for logger in self.loggers:
             resume_from = getattr(logger, "resume_from", None)

@@ -38,6 +38,7 @@ from flair_fl.driver import (
 )
 from flair_fl.durable import write_atomically
 from flair_fl.errors import NoRoundTrained, TrainingDiverged
+from flair_fl.federated.adaptive_mu import AdaptiveMu
 from flair_fl.federated.client_app import (
     EXAMPLES_WEIGHT_KEY,
     UNIFORM_WEIGHT_KEY,
@@ -92,6 +93,13 @@ def _build_strategy(
     except (ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
     return privacy.wrap(strategy, context), schedule
+
+
+def _adaptive_mu(cfg: DictConfig, strategy: Any) -> AdaptiveMu:
+    try:
+        return AdaptiveMu(strategy, **cfg.strategy.adaptive_mu)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
 
 
 def client_spec(cfg: DictConfig, data: FederatedData, privacy: Privacy, out: Path) -> ClientSpec:
@@ -210,6 +218,10 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         checkpoint_every=cfg.checkpoint_every,
     )
     tracker.started = started
+    if "adaptive_mu" in cfg.strategy:  # strategy=adafedprox
+        tracker.adaptive_mu = _adaptive_mu(cfg, lr_schedule.strategy)
+        if not checkpoint:
+            tracker.adaptive_mu.observe(0, initial_val)  # the untrained model's val loss
     tracker.checkpoint = _checkpointer(cfg, out, lr_schedule.strategy, privacy, tracker)
     start_round = 1
     if checkpoint:

@@ -19,6 +19,7 @@ from flair_fl.config_checks import ConfigError
 from flair_fl.experiment import run_experiment
 from flair_fl.federated.server_app import is_measurement
 from tests.helpers import compose_config
+from tests.test_adaptive_mu import pfl_mu_sequence
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,14 +54,17 @@ def _kill_after_round(process: subprocess.Popen[str], run_dir: Path, last: int) 
     raise AssertionError("run did not reach the round to kill at")
 
 
+ADAFEDPROX = ["strategy=adafedprox", "strategy.proximal_mu=0.5", "strategy.adaptive_mu.every=1"]
+
+
 @pytest.mark.slow  # three real runs through Ray in subprocesses (~1 min)
-@pytest.mark.parametrize("strategy", ["fedadam"])
+@pytest.mark.parametrize("strategy", [["strategy=fedadam"], ADAFEDPROX], ids=["fedadam", "ada"])
 def test_killed_and_resumed_run_equals_uninterrupted(
-    strategy: str, run_overrides: list[str], tmp_path: Path
+    strategy: list[str], run_overrides: list[str], tmp_path: Path
 ) -> None:
     args = [
         *run_overrides,
-        f"strategy={strategy}",
+        *strategy,
         "num_rounds=5",
         "checkpoint_every=1",
         "eval_every=1",
@@ -83,6 +87,11 @@ def test_killed_and_resumed_run_equals_uninterrupted(
     for a, b in zip(expected, got, strict=True):
         for key in (k for k in a if not is_measurement(k)):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["round"], key)
+    if strategy == ADAFEDPROX:  # mu of each round: pfl-research's rule on the val losses
+        untrained = json.loads((full / "summary.json").read_text())["untrained_val_loss"]
+        losses = [untrained] + [r["val_loss"] for r in expected]
+        mus = pfl_mu_sequence(losses, initial=0.5, step=0.1, decrease_after=1)
+        assert [r["proximal_mu"] for r in expected] == pytest.approx(mus[:-1], abs=1e-12)
     final_a = torch.load(full / "model_final.pt")
     final_b = torch.load(interrupted / "model_final.pt")
     assert all(torch.allclose(final_a[k], final_b[k], atol=1e-6) for k in final_a)

@@ -5,6 +5,7 @@
   optimizer exactly (bias correction from step 1, eps added to sqrt(v_hat)); Flower's
   FedAdam uses step+1 in its bias correction and scales eps by it, which changes the
   effective step size in the first hundreds of rounds.
+- `AdaFedProx`: Flower's FedProx whose mu `adaptive_mu.AdaptiveMu` sets between rounds.
 - `Scaffold`: SCAFFOLD (Karimireddy et al. 2020, option II). The server control variate
   travels with the weights under prefixed keys; each user's control variate stays in a
   per-user store on disk, written by the clients (never in Flower's per-node context).
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedProx
 
 SCAFFOLD_C_PREFIX = "scaffold.c."  # server control variate, sent with the weights
 SCAFFOLD_DC_PREFIX = "scaffold.dc."  # a client's control-variate change, in its reply
@@ -77,6 +78,15 @@ class ServerOptimizer(FedAvg):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return _to_record({k: p.detach().numpy().copy() for k, p in self.params.items()}), metrics
+
+
+class AdaFedProx(FedProx):
+    """FedProx for an adapted mu: starting at mu = 0 is meant here (pfl-research's FLAIR
+    setting), so FedProx's "equivalent to FedAvg" warning for it is not given."""
+
+    def __init__(self, proximal_mu: float = 0.0, **fedprox_kwargs: Any):
+        super().__init__(proximal_mu=1.0, **fedprox_kwargs)  # FedProx warns only about 0
+        self.proximal_mu = proximal_mu
 
 
 class Scaffold(FedAvg):
