@@ -24,7 +24,7 @@ from flair_fl.run_dir import report_finished, run_dir_lock
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 # conf/hydra/launcher/submitit_*.yaml are checked against the submitit plugin's schema of the
 # same name (wanted: typos in hydra.launcher.* are errors); Hydra warns of that at every sweep.
-warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema")
+warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema")
 
 
 def execute(cfg: DictConfig, output_dir: str) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def test_a_job_resumes_its_run_dir_only_when_it_holds_a_checkpoint(tmp_path: Pat
     assert given == [*overrides, "resume=/elsewhere"]
 
 
-@pytest.mark.filterwarnings("ignore:.*is validated against ConfigStore schema")  # as run.py
+@pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema")  # as run.py
 def test_the_submission_submitit_requeues_is_the_same_job_resuming_its_run_dir(
     tmp_path: Path,
 ) -> None:
