@@ -77,6 +77,7 @@ BOUNDS: tuple[Bound, ...] = (
     B("simulation.round_timeout", NUMBER, 0, open_low=True),
     B("simulation.client_timeout", NUMBER, 0, open_low=True, allow_none=True),
     B("simulation.actor_start_timeout", NUMBER, 0),
+    B("simulation.actor_niceness", INT, 0, 19, allow_none=True),  # Linux nice; < 0 needs root
     B("simulation.backend.client_resources.num_cpus", NUMBER, 0, open_low=True),
     B("simulation.backend.client_resources.num_gpus", NUMBER, 0),
     B("data.num_users", INT, 1),  # the synthetic generator itself asks for >= 3 (one per split)
@@ -203,6 +204,12 @@ COMBINATIONS: tuple[tuple[Callable[[DictConfig], bool], str], ...] = (
         lambda c: not _federated(c) and not _target(c, "privacy").endswith("NoPrivacy"),
         "mode=central trains without differential privacy; use privacy=none "
         "(DP applies to federated runs)",
+    ),
+    (
+        lambda c: _attached(c) and _present(c, "simulation.actor_niceness")[1] is not None,
+        "simulation.actor_niceness applies to a Ray node the run starts; an attached cluster's "
+        "actors run at its own setting (RAY_worker_niceness=N when `ray start` ran): "
+        "use simulation.actor_niceness=null",
     ),
 )
 

@@ -252,6 +252,7 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             outcome,
             client_timeout=float(client_timeout),
             actor_start_timeout=float(cfg.simulation.get("actor_start_timeout", 120)),
+            actor_niceness=cfg.simulation.get("actor_niceness"),
         )
     else:  # killed after its last checkpoint: only the final evaluation is left
         print(f"flair-fl: all {cfg.num_rounds} rounds were done; final evaluation", flush=True)

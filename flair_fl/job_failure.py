@@ -22,21 +22,27 @@ import traceback
 from pathlib import Path
 
 from flair_fl.config_checks import ConfigError
-from flair_fl.data.raw import FlairFormatError
 from flair_fl.durable import OutputWriteError
 from flair_fl.errors import NoRoundTrained, TrainingDiverged
-from flair_fl.loggers import close_open_loggers
 from flair_fl.stopping import RunStopped
 
 FAILED_JOB_SCORE = float("-inf")
 ERROR_FILE = "error.txt"
-USER_ERRORS = (
+USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
-    FlairFormatError,
     OutputWriteError,
     TrainingDiverged,
     NoRoundTrained,
-)  # reported in one line, no traceback
+)  # reported in one line, no traceback; and FlairFormatError (`user_error`)
+
+
+def user_error(err: BaseException) -> bool:
+    """Whether `err` is the user's to fix (one line, no traceback). The data reader's error
+    is checked only if the reader was imported (a config error must not import numpy)."""
+    raw = sys.modules.get("flair_fl.data.raw")
+    return isinstance(err, USER_ERRORS) or (
+        raw is not None and isinstance(err, raw.FlairFormatError)
+    )
 
 
 def in_multirun() -> bool:
@@ -49,7 +55,9 @@ def in_multirun() -> bool:
 
 def release_job_resources() -> None:
     """Close loggers left open by a failed run and shut Ray down if it is still up."""
-    close_open_loggers()
+    loggers = sys.modules.get("flair_fl.loggers")  # none open if they were never imported
+    if loggers is not None:
+        loggers.close_open_loggers()
     ray = sys.modules.get("ray")  # never import Ray just to find it was not started
     if ray is not None and ray.is_initialized():
         ray.shutdown()
@@ -76,9 +84,9 @@ def job_failed(err: Exception, job_dir: Path, continue_sweep: bool) -> float:
         raise SystemExit(err.stop.exit_code) from None
     path = record_error(err, job_dir)
     release_job_resources()
-    message = str(err) if isinstance(err, USER_ERRORS) else f"{type(err).__name__}: {err}"
+    message = str(err) if user_error(err) else f"{type(err).__name__}: {err}"
     if not in_multirun():
-        if isinstance(err, USER_ERRORS):
+        if user_error(err):
             print(f"flair-fl: error: {message}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         raise err
@@ -96,4 +104,4 @@ def job_failed(err: Exception, job_dir: Path, continue_sweep: bool) -> float:
         file=sys.stderr,
         flush=True,
     )
-    raise SystemExit(2 if isinstance(err, USER_ERRORS) else 1) from None
+    raise SystemExit(2 if user_error(err) else 1) from None

@@ -1,6 +1,9 @@
 """Entry point: `python -m flair_fl.run [group=option ...] [key=value ...]` (Hydra).
 
 Returns the best val macro AP over trained rounds, the metric Hydra sweepers maximise.
+Only Hydra and the light modules are imported up front: `--help` and a bad value answer
+without loading torch, Ray or Flower (seconds of imports); the run's modules are imported once
+the config passed its checks.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from flair_fl import stopping
-from flair_fl.driver import build
+from flair_fl.config_checks import validate_run_config
 from flair_fl.job_failure import job_failed
 from flair_fl.resume import resume_config
 from flair_fl.run_dir import report_finished, run_dir_lock
@@ -29,6 +32,9 @@ warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStor
 
 def execute(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
     """Run the configured mode (federated or central); returns its summary."""
+    validate_run_config(cfg)  # bad values fail here, before torch and Flower are imported
+    from flair_fl.driver import build
+
     runner = build(cfg.mode, "mode")
     summary: dict[str, Any] = runner(cfg=cfg, output_dir=output_dir)
     return summary

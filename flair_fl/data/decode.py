@@ -12,6 +12,7 @@ bit-exact with libjpeg-turbo (its upsampling and IDCT differ in the last grey le
 from __future__ import annotations
 
 import io
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +29,12 @@ if TYPE_CHECKING:  # torch is imported where decoding happens: preparation's CLI
     import torch
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # start of image, then a marker
+# torchvision 0.29 warns at every decode call that TorchCodec will replace its decoders; its
+# decode_jpeg is still the libjpeg-turbo path checked bit-exact against PIL here. The filter
+# matches that one message (a per-call catch_warnings would race with the decoding threads).
+warnings.filterwarnings(
+    "ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning
+)
 T = TypeVar("T")
 R = TypeVar("R")
 

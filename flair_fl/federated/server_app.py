@@ -37,6 +37,8 @@ from flair_fl.federated.transport import MessageTransport
 from flair_fl.memory import peak_rss_mb
 
 log = logging.getLogger(__name__)
+# A failed client's whole error (its traceback): <run dir>/clients.log (conf/config.yaml)
+client_log = logging.getLogger("flair_fl.clients")
 RoundHook = Callable[[int, ArrayRecord, dict[str, Any]], bool | None]
 TIMEOUT_MARK, DIED_MARK = "client timed out", "client actor died"  # in error reasons
 FAILURE_KINDS = ("raised", "timeout", "died", "rejected")
@@ -121,6 +123,13 @@ def _wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
     return node_ids
 
 
+def last_line(text: str, limit: int = 200) -> str:
+    """The last non-empty line of `text` (a traceback's exception line), cut to `limit`."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[-1] if lines else text.strip()
+    return line if len(line) <= limit else f"{line[: limit - 3]}..."
+
+
 def failure_kind(reply: Message) -> str:
     reason = reply.error.reason or ""
     if TIMEOUT_MARK in reason:
@@ -197,7 +206,14 @@ class _RoundFold:
             fault = self.fault_of(index)
             self.injected += fault is not None
             why = f"injected fault ({fault}, client.faults)" if fault else str(reply.error.reason)
-            log.warning("%s: client %d failed (%s): %s", self.round_label, index, kind, why[-300:])
+            client_log.error("%s: client %d failed (%s):\n%s", self.round_label, index, kind, why)
+            log.warning(
+                "%s: client %d failed (%s): %s (full error: clients.log in the run dir)",
+                self.round_label,
+                index,
+                kind,
+                last_line(why),
+            )
             return
         record = reply.content.metric_records[METRICS_KEY]
         loss = float(record.get("train-loss", 0.0))  # type: ignore[arg-type]

@@ -26,8 +26,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from flair_fl import stopping
+from flair_fl.federated import ray_node
 from flair_fl.federated.server_app import LoopOutcome
 
+log = logging.getLogger(__name__)
+_FLOWER_ACTOR_LOG_LEVEL = os.environ.get("FLWR_LOG_LEVEL", "ERROR")
 WAIT_SLICE_S = 0.25  # a client's reply is awaited in slices, to see a stop request
 
 
@@ -133,9 +136,11 @@ def _await(ray: Any, future: Any, timeout: float | None) -> bool:
     return False
 
 
-def start_ray(init_args: dict[str, Any]) -> None:
+def start_ray(init_args: dict[str, Any], actor_niceness: int | None = None) -> None:
     """`ray.init` as Flower's Ray backend does it (the clients import this package through
-    PYTHONPATH), then the run's signal handlers back in place of Ray's SIGTERM handler."""
+    PYTHONPATH), a local node set up for a shared machine (ray_node.py: client actors at
+    `actor_niceness` above the driver's, side processes at nice 19; None keeps Ray's), then the
+    run's signal handlers back in place of Ray's SIGTERM handler."""
     import ray
 
     if not ray.is_initialized():
@@ -143,11 +148,29 @@ def start_ray(init_args: dict[str, Any]) -> None:
         if os.environ.get("PYTHONPATH"):
             pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
         os.environ["PYTHONPATH"] = pythonpath
+        # The actors' Flower warnings (e.g. "Manually terminating ClientAppActor" at the end)
+        # are not the user's concern; their errors come back in the replies.
+        actor_env = {"PYTHONPATH": pythonpath, "FLWR_LOG_LEVEL": _FLOWER_ACTOR_LOG_LEVEL}
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # actors' lines without ANSI colours
         ray.init(
-            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-            **{"include_dashboard": False, **init_args},
+            runtime_env={"env_vars": actor_env},
+            **ray_node.local_init_args({"include_dashboard": False, **init_args}, actor_niceness),
         )
+        node = getattr(ray._private.worker, "_global_node", None)
+        if node is not None and getattr(node, "head", False):
+            lowered = ray_node.lower_priority(ray_node.side_processes(node))
+            log.debug("Ray side processes at nice %d: %s", ray_node.SIDE_NICENESS, lowered)
     stopping.install_handlers()
+
+
+def _drop_flower_console(flwr_log: logging.Logger) -> None:
+    """Flower's own console handler (ANSI colours, a second copy of what propagates to the
+    run's handlers) goes; its lines reach <run dir>/clients.log or, outside Hydra, the root."""
+    from flwr.common.logger import ConsoleHandler
+
+    for handler in list(flwr_log.handlers):
+        if isinstance(handler, ConsoleHandler):
+            flwr_log.removeHandler(handler)
 
 
 def _kill_local_ray() -> None:
@@ -168,6 +191,7 @@ def run_simulation(
     outcome: LoopOutcome,
     client_timeout: float | None = None,
     actor_start_timeout: float = 120.0,
+    actor_niceness: int | None = None,
 ) -> None:
     """Run the apps to completion; re-raise any error of the ServerApp's round loop."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -176,11 +200,12 @@ def run_simulation(
 
     guard_actor_pool(client_timeout, actor_start_timeout)
     stopping.raise_if_requested("before Ray started")
-    start_ray(dict(backend_config.get("init_args") or {}))
+    start_ray(dict(backend_config.get("init_args") or {}), actor_niceness)
     remove_cleanup = stopping.add_cleanup(_kill_local_ray)
 
     flwr_log = logging.getLogger("flwr")
     flwr_log.setLevel(logging.WARNING)
+    _drop_flower_console(flwr_log)
     if not any(isinstance(f, _DropDeprecation) for f in flwr_log.filters):
         flwr_log.addFilter(_DropDeprecation())
     try:

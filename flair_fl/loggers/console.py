@@ -16,6 +16,8 @@ def _duration(seconds: float) -> str:
 class ConsoleProgress:
     """Prints `round r/N | train loss | val AP | server lr | eps | elapsed | ETA` lines.
 
+    Elapsed is the run's own clock, `metrics["elapsed_s"]` (metrics.csv's column, counted from
+    the run's start) when the caller sets it, so the console and the files agree.
     The ETA extrapolates the mean duration of the rounds after the first one (which pays
     for Ray's actor start-up), so it is right from round 2 on.
     """
@@ -27,7 +29,7 @@ class ConsoleProgress:
 
     def line(self, server_round: int, metrics: dict[str, Any]) -> str:
         now = time.perf_counter()
-        elapsed = now - self.started
+        elapsed = float(metrics.get("elapsed_s", now - self.started))
         eta = "--:--"  # the first round pays Ray's start-up: no basis for an estimate yet
         if self.first_round_done is None:
             self.first_round_done = now
