@@ -205,12 +205,6 @@ COMBINATIONS: tuple[tuple[Callable[[DictConfig], bool], str], ...] = (
         "mode=central trains without differential privacy; use privacy=none "
         "(DP applies to federated runs)",
     ),
-    (
-        lambda c: _attached(c) and _present(c, "simulation.actor_niceness")[1] is not None,
-        "simulation.actor_niceness applies to a Ray node the run starts; an attached cluster's "
-        "actors run at its own setting (RAY_worker_niceness=N when `ray start` ran): "
-        "use simulation.actor_niceness=null",
-    ),
 )
 
 
