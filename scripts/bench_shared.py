@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_ARGS = ["debug=tiny", "num_rounds=3", "cohort_size=3", "~logger.plots"]
@@ -80,7 +81,7 @@ def _below(root: int, procs: dict[int, tuple[int, float, int, str]]) -> list[int
     return found
 
 
-def measure(tree: Path, busy: int, timeout: float) -> dict[str, object]:
+def measure(tree: Path, busy: int, timeout: float) -> dict[str, Any]:
     """One run of RUN_ARGS from `tree` beside `busy` busy loops."""
     loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
     out = Path(tempfile.mkdtemp(prefix="bench_shared_"))
@@ -128,7 +129,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1200.0)
     parser.add_argument("--name", default="cpu-shared-machine")
     args = parser.parse_args()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for pair in range(args.pairs):
         for label, tree in (("before", args.before_tree), ("after", args.after_tree)):
             tree = tree.resolve()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,7 @@ def test_hdf5_without_val_split_is_refused(tiny_hdf5: Path, tmp_path: Path) -> N
 
 
 def test_multirun_sweep_writes_one_dir_per_job(run_overrides: list[str], tmp_path: Path) -> None:
+    # Prepare: two jobs whose cohort has failing clients (seeded: 2 of 3 raise in round 1)
     sweep_dir = tmp_path / "sweep"
     command = [
         sys.executable,
@@ -229,14 +231,18 @@ def test_multirun_sweep_writes_one_dir_per_job(run_overrides: list[str], tmp_pat
         "-m",
         "strategy=fedavg,fedprox",
         "num_rounds=1",
+        "client.faults.probability=0.3",
+        "client.faults.kinds=[raise]",
         f"hydra.sweep.dir={sweep_dir}",
         *run_overrides,
     ]
 
+    # Execute
     done = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False
     )
 
+    # Assert: one dir per job, and a quiet console (see _check_quiet_console)
     assert done.returncode == 0, done.stderr[-3000:]
     job_dirs = sorted(p.parent for p in sweep_dir.glob("*/metrics.jsonl"))
     assert len(job_dirs) == 2
@@ -244,6 +250,29 @@ def test_multirun_sweep_writes_one_dir_per_job(run_overrides: list[str], tmp_pat
         OmegaConf.load(d / "config_resolved.yaml").strategy.server._target_ for d in job_dirs
     }
     assert strategies == {"flwr.serverapp.strategy.FedAvg", "flwr.serverapp.strategy.FedProx"}
+    _check_quiet_console(done.stdout + done.stderr, job_dirs)
+
+
+def _check_quiet_console(console: str, job_dirs: list[Path]) -> None:
+    """No ANSI codes and no third-party INFO lines; per job: one line per failed client (its
+    traceback in clients.log), no line twice, the metrics' elapsed clock."""
+    rows = [_rows(d) for d in job_dirs]
+    failed = [sum(int(r["clients_failed"]) for r in job) for job in rows]  # type: ignore[call-overload]
+    assert all(failed), "the seeded faults must make clients fail in every job"
+    assert "\x1b[" not in console and "Traceback" not in console
+    log_lines = [line for line in console.splitlines() if line.startswith("[")]
+    assert all("[flair_fl" in line for line in log_lines if "][INFO] - " in line), log_lines
+    jobs = re.split(r"\n.*#\d+ : .*\n", console)[1:]  # Hydra's "#<job> : <overrides>" lines
+    assert len(jobs) == len(job_dirs)
+    for job, job_dir, job_rows, n_failed in zip(jobs, job_dirs, rows, failed, strict=True):
+        lines = [re.sub(r"^\[[^]]*\]", "", line) for line in job.splitlines() if line.strip()]
+        assert len(lines) == len(set(lines)), "a message printed twice"
+        assert len([line for line in lines if re.search(r"client \d+ failed", line)]) == n_failed
+        for name in ("run.log", "clients.log"):
+            assert "\x1b[" not in (job_dir / name).read_text(), name
+        assert "InjectedFault" in (job_dir / "clients.log").read_text()
+        elapsed = round(float(job_rows[-1]["elapsed_s"]))  # type: ignore[arg-type]
+        assert f"elapsed {elapsed // 60:02d}:{elapsed % 60:02d}" in job
 
 
 def test_central_evaluation_halves_its_batch_on_gpu_out_of_memory(

@@ -94,11 +94,8 @@ def test_console_elapsed_is_the_metrics_clock() -> None:
     assert "elapsed 02:05" in line
 
 
-def test_a_local_start_gets_the_actor_niceness_and_an_attached_cluster_keeps_its_own(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_local_start_gets_the_actor_niceness_and_an_attached_cluster_keeps_its_own() -> None:
     # Prepare
-    monkeypatch.delenv(ray_node.GCS_RECONNECT_ENV, raising=False)
     local = {"include_dashboard": False, "_system_config": {"object_spilling_threshold": 0.9}}
     attached = {"address": "10.0.0.1:6379"}
 
@@ -108,7 +105,6 @@ def test_a_local_start_gets_the_actor_niceness_and_an_attached_cluster_keeps_its
 
     # Assert
     assert started["_system_config"] == {"object_spilling_threshold": 0.9, "worker_niceness": 0}
-    assert os.environ[ray_node.GCS_RECONNECT_ENV] == str(ray_node.GCS_RECONNECT_TIMEOUT_S)
     assert kept == attached
     assert ray_node.local_init_args({"address": "local"}, None) == {"address": "local"}
 

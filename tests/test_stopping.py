@@ -67,6 +67,25 @@ def _still_running(processes: dict[int, str], wait_s: float = 20.0) -> list[str]
     return [Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:200] for pid in alive]
 
 
+SIDE_PROCESSES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "monitor.py", "dashboard.py")
+
+
+def _niceness_by_kind(processes: dict[int, str]) -> dict[str, set[int]]:
+    """The niceness of the client actors and of Ray's side processes among `processes`."""
+    found: dict[str, set[int]] = {"actor": set(), "side": set()}
+    for pid in processes:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+            nice = os.getpriority(os.PRIO_PROCESS, pid)
+        except OSError:
+            continue
+        if command.startswith("ray::ClientAppActor"):
+            found["actor"].add(nice)
+        elif any(name in command for name in SIDE_PROCESSES):  # log_monitor.py too
+            found["side"].add(nice)
+    return found
+
+
 @pytest.fixture
 def ray_temp() -> Iterator[Path]:
     """A short temp dir for the run's own Ray (its socket paths must stay < 108 chars)."""
@@ -158,6 +177,7 @@ def test_killed_driver_takes_its_ray_processes_and_next_run_removes_its_files(
     process = _start_run(run_dir, ray_temp)
     _wait_for_rounds(process, run_dir, 2)
     ray_processes = _descendants(process.pid)
+    niceness = _niceness_by_kind(ray_processes)
 
     # Execute: SIGKILL the driver alone (no handler runs)
     process.kill()
@@ -165,7 +185,10 @@ def test_killed_driver_takes_its_ray_processes_and_next_run_removes_its_files(
     left_files = _shm_files(process.pid)
     SharedTransport().close()  # what the next run's transport does first
 
-    # Assert
+    # Assert: the actors ran at the driver's priority, Ray's side processes at the lowest;
+    # all of them went with the driver
+    assert niceness["actor"] == {os.getpriority(os.PRIO_PROCESS, os.getpid())}, niceness
+    assert niceness["side"] == {19}, niceness
     assert _still_running(ray_processes) == []
     assert left_files, "a SIGKILLed run cannot remove its files"
     assert _shm_files(process.pid) == []

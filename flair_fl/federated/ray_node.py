@@ -9,32 +9,29 @@ RuntimeEnvAgent. `ray.init` has no public argument that skips any of them (`no_m
 started by the raylet), so they are kept: at the lowest priority (nice 19), where they take
 no CPU the clients could use.
 
-Two settings go into a local start (an attached cluster keeps its own, set at `ray start`):
+A local start gets `worker_niceness` (an attached cluster keeps its own, set at `ray start`):
+Ray starts its workers (the client actors) at nice 15, far below the driver (nice 0), so on a
+busy machine the clients starve while the driver waits for them. The run passes
+`simulation.actor_niceness` (added to the driver's own niceness; 0: the driver's priority).
 
-- `worker_niceness`: Ray starts its workers (the client actors) at nice 15, far below the
-  driver (nice 0), so on a busy machine the clients starve while the driver waits for them.
-  The run passes `simulation.actor_niceness` (added to the driver's own niceness; 0: the
-  driver's priority) instead.
-- `RAY_gcs_rpc_server_reconnect_timeout_s`: a SIGKILLed driver takes its GCS and raylet
-  with it (Ray's kernel fate-sharing), but the agents, on seeing their raylet gone, report
-  that to the dead GCS and wait Ray's reconnect timeout (60 s) before exiting. The GCS of a
-  local start dies with the driver only, so waiting for it to come back is pointless: the run
-  lowers the timeout to `GCS_RECONNECT_TIMEOUT_S` (an environment variable: the agents do not
-  read `_system_config`).
+A SIGKILLed driver takes its GCS and raylet with it (Ray's kernel fate-sharing), but the
+agents, on seeing their raylet gone, report that to the dead GCS and wait Ray's reconnect
+timeout (60 s) before exiting. `start_reaper` starts a small process (ray_reaper.py) that
+kills them as soon as the driver is gone.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 SIDE_NICENESS = 19  # the lowest priority: side processes run only on otherwise idle CPU
-GCS_RECONNECT_TIMEOUT_S = 5  # Ray's default is 60
-GCS_RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
 # node.all_processes keys (ray_constants.PROCESS_TYPE_*) of the side processes the driver
 # starts; the agents are the raylet's children, found by their process titles.
 SIDE_TYPES = ("monitor", "dashboard", "log_monitor")
@@ -47,13 +44,9 @@ def is_local_start(init_args: dict[str, Any]) -> bool:
 
 
 def local_init_args(init_args: dict[str, Any], actor_niceness: int | None) -> dict[str, Any]:
-    """`init_args` with the settings of the module doc for a local start (unchanged for an
-    attached cluster); sets the reconnect timeout in this process's environment, which the
-    Ray processes inherit, unless the user set it."""
-    if not is_local_start(init_args):
-        return init_args
-    os.environ.setdefault(GCS_RECONNECT_ENV, str(GCS_RECONNECT_TIMEOUT_S))
-    if actor_niceness is None:
+    """`init_args` with the actor niceness for a local start (unchanged for an attached
+    cluster, or for None: Ray's own)."""
+    if not is_local_start(init_args) or actor_niceness is None:
         return init_args
     system_config = {**(init_args.get("_system_config") or {}), "worker_niceness": actor_niceness}
     return {**init_args, "_system_config": system_config}
@@ -87,6 +80,33 @@ def lower_priority(pids: dict[int, str], niceness: int = SIDE_NICENESS) -> list[
             continue
         done.append(name)
     return done
+
+
+_REAPERS: list[subprocess.Popen[bytes]] = []  # this process's; their stdin open while it lives
+
+
+def start_reaper(pids: dict[int, str]) -> None:
+    """Start a reaper (ray_reaper.py) that kills `pids` once this process is gone; an earlier
+    one (a previous job's Ray, already shut down) is let go: it reaps now and exits."""
+    for old in _REAPERS:
+        if old.stdin is not None:
+            old.stdin.close()
+    _REAPERS.clear()
+    targets = [f"{pid}:{start}" for pid in pids if (start := _start_time(pid)) is not None]
+    if targets:
+        reaper = subprocess.Popen(
+            [sys.executable, "-m", "flair_fl.federated.ray_reaper", *targets],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            close_fds=True,
+        )
+        _REAPERS.append(reaper)
+
+
+def _start_time(pid: int) -> str | None:
+    from flair_fl.federated.ray_reaper import start_time
+
+    return start_time(pid)
 
 
 def _children(pid: int) -> list[int]:

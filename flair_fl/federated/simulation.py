@@ -158,7 +158,9 @@ def start_ray(init_args: dict[str, Any], actor_niceness: int | None = None) -> N
         )
         node = getattr(ray._private.worker, "_global_node", None)
         if node is not None and getattr(node, "head", False):
-            lowered = ray_node.lower_priority(ray_node.side_processes(node))
+            side = ray_node.side_processes(node)
+            lowered = ray_node.lower_priority(side)
+            ray_node.start_reaper(side)
             log.debug("Ray side processes at nice %d: %s", ray_node.SIDE_NICENESS, lowered)
     stopping.install_handlers()
 
