@@ -128,10 +128,13 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=1200.0)
     parser.add_argument("--name", default="cpu-shared-machine")
+    parser.add_argument("--only", choices=("before", "after"), help="one variant (a rerun)")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     for pair in range(args.pairs):
         for label, tree in (("before", args.before_tree), ("after", args.after_tree)):
+            if args.only not in (None, label):
+                continue
             tree = tree.resolve()
             row = {"pair": pair, "variant": label, **measure(tree, args.busy, args.timeout)}
             print(json.dumps(row), flush=True)
