@@ -25,10 +25,10 @@ from flair_fl.data.augment import TrainAugment
 from flair_fl.data.hdf5 import FlairReader, LabelSet
 from flair_fl.data.source import FederatedData, check_label
 from flair_fl.driver import (
-    CentralEvaluator,
     RoundTracker,
     build,
     build_loggers,
+    central_evaluator,
     device_for,
     make_model,
 )
@@ -106,7 +106,7 @@ def run_central(
     torch.manual_seed(derive_seed(cfg.seed, "model-init"))
     model = make_model(cfg, data.num_labels)
     device = device_for(cfg.device)
-    evaluator = CentralEvaluator(model, data, cfg.eval.batch_size, device)
+    evaluator = central_evaluator(cfg, model, data, device)
     loggers = build_loggers(cfg, out)
     initial_val = evaluator(ArrayRecord(trainable_state(model)), "val")
     for logger in loggers:

@@ -36,6 +36,8 @@ NEUTRAL_KEYS = (
     "hydra",
     "data.cache_dir",
     "eval.batch_size",
+    "eval.data_on",
+    "eval.overlap",
     "sweep_continue_on_error",
 )
 # What every checkpoint holds, and the type of each (checked on load, before use).

@@ -131,6 +131,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "aggregation": ("uniform", "examples"),
     "client.precision": ("fp32", "bf16"),
+    "eval.precision": ("fp32", "bf16"),
+    "eval.data_on": ("auto", "device", "host"),
+    "eval.overlap": ("auto", "true", "false"),  # YAML true/false arrive as bools
     "data.label_set": ("coarse", "fine"),
     "data.partition": ("natural", "iid"),
     "simulation.transport": ("shared", "message"),
@@ -323,6 +326,8 @@ def config_problems(cfg: DictConfig, limits: dict[str, float] | None = None) -> 
             problems.append(problem)
     for key, choices in CHOICES.items():
         present, value = _present(cfg, key)
+        if isinstance(value, bool):
+            value = str(value).lower()
         if present and value not in choices:
             problems.append(f"{key}={value!r}: expected one of {', '.join(choices)}")
     problems += [message for applies, message in COMBINATIONS if applies(cfg)]

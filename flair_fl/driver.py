@@ -11,8 +11,10 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from flwr.app import ArrayRecord, Message
@@ -22,21 +24,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from flair_fl.checkpoint import atomic_save
 from flair_fl.config_checks import ConfigError
-from flair_fl.data.datasets import SplitDataset, build_transform
 from flair_fl.data.raw import FlairFormatError
-from flair_fl.data.source import FederatedData
 from flair_fl.durable import write_atomically
+from flair_fl.evaluator import CentralEvaluator
 from flair_fl.federated.adaptive_mu import AdaptiveMu
 from flair_fl.federated.client_app import METRICS_KEY, metric_state_from_record
 from flair_fl.federated.server_app import LoopOutcome
 from flair_fl.loggers import LoggerErrors, RunLogger, SafeLogger, start_logger
 from flair_fl.loggers.console import ConsoleProgress
 from flair_fl.metrics import MetricState
-from flair_fl.models.params import load_trainable, trainable_state
+from flair_fl.models.params import trainable_state
 from flair_fl.privacy import Privacy
 from flair_fl.run_dir import RESULTS_NAME
 from flair_fl.stopping import RunStopped, StopSignal
-from flair_fl.training import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -90,43 +90,41 @@ def device_for(name: str) -> torch.device:
     return torch.device(name)
 
 
-class CentralEvaluator:
-    """Evaluates global weights on a whole split in the driver."""
+def central_evaluator(
+    cfg: DictConfig, model: torch.nn.Module, data: Any, device: torch.device
+) -> CentralEvaluator:
+    """The run's central evaluator (the `eval` group: batch, precision, where data lives)."""
+    node = cfg.eval
+    return CentralEvaluator(
+        model,
+        data,
+        int(node.batch_size),
+        device,
+        precision=str(node.get("precision", "fp32")),
+        placement=str(node.get("data_on", "auto")),
+    )
 
-    def __init__(
-        self, model: torch.nn.Module, data: FederatedData, batch_size: int, device: torch.device
-    ):
-        self.model, self.data, self.batch_size, self.device = model, data, batch_size, device
-        self.transform = build_transform(train=False, size=data.input_size)
 
-    def __call__(self, arrays: ArrayRecord, split: str) -> dict[str, float]:
-        load_trainable(self.model, arrays.to_torch_state_dict())
-        dataset = SplitDataset(
-            self.data.reader,
-            split,
-            self.data.label_set,
-            self.transform,
-            label_index=self.data.label_index,
-        )
-        state = self._evaluate(dataset)
-        if self.device.type == "cuda":  # give the clients' actors the memory back
-            torch.cuda.empty_cache()
-        return {f"{split}_{k}": v for k, v in state.compute().items()}
+class Checkpoint(Protocol):
+    """Saves a run's checkpoint (experiment._checkpointer)."""
 
-    def _evaluate(self, dataset: SplitDataset) -> MetricState:
-        """Evaluate, halving the batch on CUDA out-of-memory (the GPU is shared with the
-        clients' actors, whose memory Ray does not cap); the working size is kept."""
-        while True:
-            try:
-                return evaluate(
-                    self.model, dataset, self.data.num_labels, self.batch_size, self.device
-                )
-            except torch.cuda.OutOfMemoryError:
-                if self.batch_size == 1:
-                    raise
-                self.batch_size = max(1, self.batch_size // 2)
-                torch.cuda.empty_cache()
-                log.warning("central evaluation: out of GPU memory, batch -> %d", self.batch_size)
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> None: ...
+
+    def snapshot(self, server_round: int, arrays: ArrayRecord) -> Callable[[], None]:
+        """Capture the round's server state now; the returned call writes it (with the
+        tracker's state at that time)."""
+        ...
+
+
+@dataclass
+class _PendingRound:
+    """A round whose central evaluation runs in the background."""
+
+    server_round: int
+    arrays: ArrayRecord
+    metrics: dict[str, Any]
+    val: Future[dict[str, float]]
+    save: Callable[[], None] | None  # its checkpoint, written once the evaluation is in
 
 
 class RoundTracker:
@@ -145,11 +143,12 @@ class RoundTracker:
         test_at_end: bool = True,
         unit: str = "round",
         checkpoint_every: int = 0,
+        overlap: bool = False,
     ):
         self.num_rounds, self.eval_every, self.test_at_end = num_rounds, eval_every, test_at_end
         self.unit, self.checkpoint_every = unit, checkpoint_every
         # Set by the federated run: saves a checkpoint for (round, global arrays).
-        self.checkpoint: Callable[[int, ArrayRecord], None] | None = None
+        self.checkpoint: Checkpoint | None = None
         self.evaluator, self.privacy, self.loggers = evaluator, privacy, loggers
         self.out, self.initial_val = out, initial_val
         self.started = time.perf_counter()
@@ -163,17 +162,59 @@ class RoundTracker:
         # strategy=adafedprox: adapts the strategy's mu on the val metrics (its state is in
         # the tracker's, so a checkpoint written after the round holds the adapted mu)
         self.adaptive_mu: AdaptiveMu | None = None
+        self.diverged_round = 0
+        # eval.overlap: round r's evaluation runs in this thread while round r+1 trains;
+        # round r is logged (and checkpointed) when it is in, before round r+2 is sent.
+        self.background = (
+            ThreadPoolExecutor(1, thread_name_prefix="central-eval") if overlap else None
+        )
+        self.pending: _PendingRound | None = None
+
+    def _timed_val(self, arrays: ArrayRecord) -> dict[str, float]:
+        started = time.perf_counter()
+        val = self.evaluator(arrays, "val")
+        return {**val, "time_eval_s": time.perf_counter() - started}
 
     def on_round(self, server_round: int, arrays: ArrayRecord, metrics: dict[str, Any]) -> bool:
+        """Book a finished round; True stops the run (a divergence seen on val)."""
+        if self.settle():  # an earlier round's evaluation stopped the run: this one is void
+            return True
         metrics.update(self.privacy.round_metrics(server_round))
         if self.adaptive_mu is not None:
             metrics["proximal_mu"] = self.adaptive_mu.mu  # the mu this round trained with
         every = self.eval_every
-        if (every and server_round % every == 0) or server_round == self.num_rounds:
-            started = time.perf_counter()
-            metrics.update(self.evaluator(arrays, "val"))
-            metrics["time_eval_s"] = time.perf_counter() - started
+        evaluates = (every and server_round % every == 0) or server_round == self.num_rounds
+        every, checkpoint = self.checkpoint_every, self.checkpoint
+        saves = checkpoint is not None and every and server_round % every == 0
+        if evaluates and self.background is not None:
+            # the strategy's and privacy's state are taken now, written once booked
+            save = checkpoint.snapshot(server_round, arrays) if checkpoint and saves else None
+            val = self.background.submit(self._timed_val, arrays)
+            self.pending = _PendingRound(server_round, arrays, metrics, val, save)
+            return False
+        if evaluates:
+            metrics.update(self._timed_val(arrays))
+        save = checkpoint.snapshot(server_round, arrays) if checkpoint and saves else None
+        return self._book(server_round, arrays, metrics, save)
+
+    def settle(self) -> bool:
+        """Wait for a background evaluation and book its round; True if it stopped the run."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return False
+        pending.metrics.update(pending.val.result())
+        return self._book(pending.server_round, pending.arrays, pending.metrics, pending.save)
+
+    def _book(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        metrics: dict[str, Any],
+        save: Callable[[], None] | None,
+    ) -> bool:
+        if "val_loss" in metrics:
             if not math.isfinite(metrics["val_loss"]):
+                self.diverged_round = server_round
                 self.diverged = (
                     f"training diverged in round {server_round}: the global model's val loss "
                     f"is {metrics['val_loss']}"
@@ -193,16 +234,22 @@ class RoundTracker:
             logger.log_round(server_round, metrics)
         if self.diverged:
             return True  # no checkpoint of a diverged model: the last one stays
-        every = self.checkpoint_every
-        if self.checkpoint and every and server_round % every == 0:
-            self.checkpoint(server_round, arrays)
+        if save is not None:
+            save()
         return False
+
+    def close(self) -> None:
+        """Book a round still being evaluated and stop the evaluation thread."""
+        self.settle()
+        if self.background is not None:
+            self.background.shutdown()
 
     def abandon(self, outcome: LoopOutcome, reason: str, diverged: bool = True) -> None:
         """End a failed run (diverged, or no round trained): summary of what was done,
         loggers closed, no model written."""
+        self.close()
         summary: dict[str, Any] = {
-            "rounds": outcome.rounds_done,
+            "rounds": self.diverged_round or outcome.rounds_done,
             "stop_reason": reason,
             "diverged": diverged,
             **self._untrained_and_best(),
@@ -216,6 +263,7 @@ class RoundTracker:
     def stopped(self, outcome: LoopOutcome, stop: StopSignal, resume_hint: str) -> RunStopped:
         """End a run stopped by a signal: the last completed round checkpointed, loggers
         closed, no summary (the run is not finished); returns the error to raise."""
+        self.close()  # a round still being evaluated is booked (and checkpointed) first
         done = outcome.rounds_done
         if self.checkpoint and outcome.arrays is not None and done > self.checkpointed_round:
             self.checkpoint(done, outcome.arrays)
@@ -273,6 +321,7 @@ class RoundTracker:
 
     def finish(self, outcome: LoopOutcome) -> dict[str, Any]:
         """Final and test evaluation, model files, summary to loggers and console."""
+        self.close()
         final = outcome.arrays
         if final is None:
             final = ArrayRecord(trainable_state(self.evaluator.model))

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -29,15 +30,16 @@ from flair_fl.checkpoint import (
 from flair_fl.config_checks import ConfigError, validate_run_config
 from flair_fl.data.source import FederatedData, check_label
 from flair_fl.driver import (
-    CentralEvaluator,
     RoundTracker,
     build,
     build_loggers,
+    central_evaluator,
     device_for,
     make_model,
 )
 from flair_fl.durable import write_atomically
 from flair_fl.errors import NoRoundTrained, TrainingDiverged
+from flair_fl.evaluator import overlap_enabled
 from flair_fl.federated.adaptive_mu import AdaptiveMu
 from flair_fl.federated.client_app import (
     EXAMPLES_WEIGHT_KEY,
@@ -126,6 +128,7 @@ def client_spec(cfg: DictConfig, data: FederatedData, privacy: Privacy, out: Pat
         use_gpu=cfg.device != "cpu" and float(resources.get("num_gpus", 0)) > 0,
         num_threads=int(resources.get("num_cpus", 1)),
         eval_batch_size=cfg.eval.batch_size,
+        eval_precision=str(cfg.eval.get("precision", "fp32")),
         local_dp=privacy.client_settings(),
         label_index=data.label_index,
         state_dir=str((out / "client_state").resolve()),
@@ -193,7 +196,8 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         initial = ArrayRecord(checkpoint["arrays"])
         load_strategy_state(lr_schedule.strategy, checkpoint["strategy"])
         privacy.load_state_dict(checkpoint["privacy"])
-    evaluator = CentralEvaluator(model, data, cfg.eval.batch_size, device_for(cfg.device))
+    device = device_for(cfg.device)
+    evaluator = central_evaluator(cfg, model, data, device)
     loggers = build_loggers(cfg, out)
     initial_val = checkpoint["initial_val"] if checkpoint else evaluator(initial, "val")
     if not checkpoint:
@@ -216,13 +220,16 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         initial_val,
         test_at_end=cfg.eval.test_at_end,
         checkpoint_every=cfg.checkpoint_every,
+        # adafedprox adapts round r+1's mu on round r's val metrics: evaluated in line
+        overlap=overlap_enabled(cfg.eval.get("overlap", "auto"), device)
+        and "adaptive_mu" not in cfg.strategy,
     )
     tracker.started = started
     if "adaptive_mu" in cfg.strategy:  # strategy=adafedprox
         tracker.adaptive_mu = _adaptive_mu(cfg, lr_schedule.strategy)
         if not checkpoint:
             tracker.adaptive_mu.observe(0, initial_val)  # the untrained model's val loss
-    tracker.checkpoint = _checkpointer(cfg, out, lr_schedule.strategy, privacy, tracker)
+    tracker.checkpoint = _Checkpointer(cfg, out, lr_schedule.strategy, privacy, tracker)
     start_round = 1
     if checkpoint:
         start_round = checkpoint["round"] + 1
@@ -256,6 +263,7 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         )
     else:  # killed after its last checkpoint: only the final evaluation is left
         print(f"flair-fl: all {cfg.num_rounds} rounds were done; final evaluation", flush=True)
+    tracker.settle()  # book the last round's background evaluation
     if outcome.diverged or tracker.diverged:
         reason = outcome.stop_reason or tracker.diverged
         tracker.abandon(outcome, str(reason))
@@ -288,34 +296,51 @@ def _container(cfg: DictConfig) -> dict[str, Any]:
     return container  # type: ignore[return-value]
 
 
-def _checkpointer(
-    cfg: DictConfig, out: Path, strategy: Any, privacy: Privacy, tracker: RoundTracker
-) -> Callable[[int, ArrayRecord], None]:
-    """Saves `out/checkpoint.pt` for a round: weights, strategy, privacy, tracker, config."""
-    config = _container(cfg)
-    config.pop("resume", None)
+class _Checkpointer:
+    """Saves `out/checkpoint.pt` for a round: weights, strategy, privacy, tracker, config.
 
-    def save(server_round: int, arrays: ArrayRecord) -> None:
-        for logger in tracker.loggers:  # first: what the checkpoint covers is logged for good
-            flush = getattr(logger, "flush", None)
-            if flush is not None:
-                flush()
-        save_checkpoint(
-            {
-                "round": server_round,
-                "arrays": dict(arrays.to_torch_state_dict()),
-                "strategy": strategy_state(strategy),
-                "privacy": privacy.state_dict(),
-                "tracker": tracker.state_dict(),
-                "initial_val": tracker.initial_val,
-                "config": config,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
-            },
-            out / CHECKPOINT_NAME,
-        )
-        tracker.checkpointed_round = server_round
+    `snapshot` captures the server's state at the end of a round and writes it later (with
+    an overlapped evaluation, once the round's evaluation is in and booked): the strategy and
+    privacy states are copied, as the next round changes them in place.
+    """
 
-    return save
+    def __init__(
+        self, cfg: DictConfig, out: Path, strategy: Any, privacy: Privacy, tracker: RoundTracker
+    ):
+        self.config = _container(cfg)
+        self.config.pop("resume", None)
+        self.out, self.strategy, self.privacy, self.tracker = out, strategy, privacy, tracker
+
+    def snapshot(self, server_round: int, arrays: ArrayRecord) -> Callable[[], None]:
+        state = {
+            "round": server_round,
+            "arrays": dict(arrays.to_torch_state_dict()),
+            "strategy": copy.deepcopy(strategy_state(self.strategy)),
+            "privacy": copy.deepcopy(self.privacy.state_dict()),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+        }
+
+        def write() -> None:
+            tracker = self.tracker
+            for logger in tracker.loggers:  # first: what the checkpoint covers is logged for good
+                flush = getattr(logger, "flush", None)
+                if flush is not None:
+                    flush()
+            save_checkpoint(
+                {
+                    **state,
+                    "tracker": tracker.state_dict(),
+                    "initial_val": tracker.initial_val,
+                    "config": self.config,
+                },
+                self.out / CHECKPOINT_NAME,
+            )
+            tracker.checkpointed_round = server_round
+
+        return write
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
+        self.snapshot(server_round, arrays)()
 
 
 def _round_plan(

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from flair_fl.data.augment import to_model_input
+from flair_fl.data.eval_split import EvalImages
 from flair_fl.metrics import MetricState
 
 # Turns what the loader yields into the model's input on the device, in a memory format
@@ -110,14 +112,19 @@ def batch_input(
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
+    data: EvalImages,
     num_labels: int,
     batch_size: int,
     device: torch.device,
+    precision: str = "fp32",
 ) -> MetricState:
-    """FLAIR metric statistics of `model` over `dataset` (sequential order)."""
+    """FLAIR metric statistics of `model` over uint8 images already at the input size
+    (sequential batches, normalised on `device`; `precision=bf16`: bfloat16 autocast)."""
     model.to(device).eval()
     state = MetricState.zeros(num_labels)
-    for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        state = state + MetricState.from_batch(model(images.to(device)), targets.to(device))
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
+    for images, targets in data.batches(batch_size, device):
+        with autocast:
+            logits = model(to_model_input(images, images.shape[1]))
+        state = state + MetricState.from_batch(logits, targets)
     return state

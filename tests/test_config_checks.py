@@ -56,6 +56,9 @@ REPO = Path(__file__).resolve().parents[1]
         (["+num_round=3"], "num_round: unknown key"),
         (["+simulation.gpus=1"], "simulation.gpus: unknown key"),
         (["device=tpu"], "device='tpu': expected one of auto, cpu, cuda"),
+        (["eval.precision=fp16"], "eval.precision='fp16': expected one of fp32, bf16"),
+        (["eval.data_on=gpu"], "eval.data_on='gpu': expected one of auto, device, host"),
+        (["eval.overlap=yes"], "eval.overlap='yes': expected one of auto, true, false"),
         (["mode=central", "mode.optimizer.lr=0"], "mode.optimizer.lr=0: must be in (0, inf]"),
     ],
 )
@@ -65,6 +68,17 @@ def test_each_bad_config_is_refused_naming_the_key(overrides: list[str], needle:
     problems = config_problems(cfg)
 
     assert any(needle in p for p in problems), problems
+
+
+def test_eval_overlap_accepts_the_booleans_yaml_gives() -> None:
+    # Prepare: `eval.overlap=true` / `false` arrive from Hydra as bools, not strings
+    configs = [compose_config([f"eval.overlap={v}"]) for v in ("true", "false", "auto")]
+
+    # Execute
+    problems = [config_problems(cfg) for cfg in configs]
+
+    # Assert
+    assert problems == [[], [], []]
 
 
 def test_cohort_bound_says_where_it_comes_from() -> None:

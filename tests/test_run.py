@@ -183,6 +183,9 @@ def test_sampler_draws_without_replacement() -> None:
         ("simulation.transport=carrier-pigeon", "simulation.transport='carrier-pigeon'"),
         ("client.faults.probability=2", "client.faults.probability=2: must be in [0, 1]"),
         ("client.faults.kinds=[explode]", "client.faults.kinds: unknown ['explode']"),
+        ("eval.overlap=sometimes", "eval.overlap='sometimes': expected one of auto, true"),
+        ("eval.data_on=disk", "eval.data_on='disk': expected one of auto, device, host"),
+        ("eval.precision=fp16", "eval.precision='fp16': expected one of fp32, bf16"),
     ],
 )
 def test_bad_config_value_names_the_key(
@@ -281,13 +284,14 @@ def test_central_evaluation_halves_its_batch_on_gpu_out_of_memory(
     """No GPU here, so the CUDA out-of-memory error is raised by a wrapper around the real
     evaluation for batches above 4 (a test double only for what cannot run here)."""
     import flair_fl.driver as driver
+    import flair_fl.evaluator as central
 
     cfg = compose_config(run_overrides)
     data = driver.build(cfg.data, "data")
     model = driver.make_model(cfg, data.num_labels)
     evaluator = driver.CentralEvaluator(model, data, 64, torch.device("cpu"))
     expected = evaluator(ArrayRecord(trainable_state(model)), "val")
-    real, batches = driver.evaluate, []
+    real, batches = central.evaluate, []
 
     def tight_memory(*args: Any) -> Any:
         batches.append(args[3])
@@ -295,6 +299,6 @@ def test_central_evaluation_halves_its_batch_on_gpu_out_of_memory(
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(*args)
 
-    monkeypatch.setattr(driver, "evaluate", tight_memory)
+    monkeypatch.setattr(central, "evaluate", tight_memory)
     assert evaluator(ArrayRecord(trainable_state(model)), "val") == pytest.approx(expected)
     assert batches == [64, 32, 16, 8, 4] and evaluator.batch_size == 4

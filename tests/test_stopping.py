@@ -94,7 +94,7 @@ def ray_temp() -> Iterator[Path]:
     subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
-def _start_run(run_dir: Path, ray_temp: Path) -> subprocess.Popen[str]:
+def _start_run(run_dir: Path, ray_temp: Path, *extra: str) -> subprocess.Popen[str]:
     """A tiny run with its own local Ray cluster, in its own process group."""
     return subprocess.Popen(
         [
@@ -107,6 +107,7 @@ def _start_run(run_dir: Path, ray_temp: Path) -> subprocess.Popen[str]:
             f"data.cache_dir={CACHE_DIR}",
             f"hydra.run.dir={run_dir}",
             f"+simulation.backend.init_args._temp_dir={ray_temp}",
+            *extra,
         ],
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -132,16 +133,26 @@ def _shm_files(pid: int) -> list[Path]:
 
 
 @pytest.mark.parametrize(
-    ("sig", "to_group", "status"),
-    [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)],
-    ids=["ctrl-c", "sigterm"],
+    ("sig", "to_group", "status", "extra"),
+    [
+        (signal.SIGINT, True, 130, ()),
+        (signal.SIGTERM, False, 143, ()),
+        # a round still being evaluated in the background is booked, then checkpointed
+        (signal.SIGINT, True, 130, ("eval.overlap=true", "eval_every=1")),
+    ],
+    ids=["ctrl-c", "sigterm", "ctrl-c-overlapped-eval"],
 )
 def test_signal_mid_round_stops_the_run_cleanly(
-    sig: signal.Signals, to_group: bool, status: int, tmp_path: Path, ray_temp: Path
+    sig: signal.Signals,
+    to_group: bool,
+    status: int,
+    extra: tuple[str, ...],
+    tmp_path: Path,
+    ray_temp: Path,
 ) -> None:
     # Prepare: a run two rounds in, with its Ray processes
     run_dir = tmp_path / "run"
-    process = _start_run(run_dir, ray_temp)
+    process = _start_run(run_dir, ray_temp, *extra)
     _wait_for_rounds(process, run_dir, 2)
     ray_processes = _descendants(process.pid)
     assert ray_processes and _shm_files(process.pid)

@@ -134,6 +134,17 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     )
 
 
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> uint8 (N, size, size, 3): the evaluation's `Resize((size, size),
+    antialias=True)`, done once and kept as pixels (flair_fl.data.eval_split). On the CPU,
+    PyTorch's uint8 kernel (exactly torchvision's per-image result); elsewhere float32,
+    rounded back to uint8."""
+    resized = _resize(_resizable(images.permute(0, 3, 1, 2)), size)
+    if resized.dtype != torch.uint8:
+        resized = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return resized.permute(0, 2, 3, 1).contiguous()
+
+
 def _normalize_(
     images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> torch.Tensor:

@@ -22,7 +22,8 @@ from hydra.utils import instantiate
 from torch import nn
 
 from flair_fl.data.augment import TrainAugment
-from flair_fl.data.datasets import TrainImages, UserDataset, build_transform
+from flair_fl.data.datasets import TrainImages
+from flair_fl.data.eval_split import EvalImages
 from flair_fl.data.hdf5 import FlairReader, LabelSet
 from flair_fl.data.source import open_reader
 from flair_fl.federated import faults
@@ -62,6 +63,7 @@ class ClientSpec:
     use_gpu: bool = False
     num_threads: int = 1
     eval_batch_size: int = 512
+    eval_precision: str = "fp32"  # fp32 | bf16 (eval.precision)
     label_index: int | None = None  # binary mode: the one target column
     state_dir: str | None = None  # per-user client state (SCAFFOLD control variates)
     local_dp: dict[str, Any] | None = None  # client-side DP (DP-SGD) settings, privacy group
@@ -85,7 +87,6 @@ class _Runtime:
         self.idle_release = _IdleRelease() if self.device.type == "cuda" else None
         self.model: nn.Module = instantiate(spec.model)(num_classes=spec.num_labels)
         self.model.to(self.device)
-        self.eval_transform = build_transform(train=False, size=spec.input_size)
 
 
 class _IdleRelease:
@@ -275,16 +276,16 @@ def client_evaluate(spec: ClientSpec, msg: Message) -> Message:
     config = msg.content.config_records[CONFIG_KEY]
     user_id, split = str(config["user-id"]), str(config.get("split", "val"))
     _load_global(runtime, msg)
-    dataset = UserDataset.from_file(
-        runtime.reader,
-        split,
-        user_id,
-        spec.label_set,
-        runtime.eval_transform,
-        None,
-        spec.label_index,
+    data = runtime.reader.read_user(split, user_id, spec.label_set)
+    images = EvalImages.from_user(data, spec.input_size, runtime.device, spec.label_index)
+    state = evaluate(
+        runtime.model,
+        images,
+        spec.num_labels,
+        spec.eval_batch_size,
+        runtime.device,
+        spec.eval_precision,
     )
-    state = evaluate(runtime.model, dataset, spec.num_labels, spec.eval_batch_size, runtime.device)
     if runtime.idle_release:
         runtime.idle_release.job_done()
     content = RecordDict(
