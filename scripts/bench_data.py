@@ -2,11 +2,17 @@
 
 python scripts/bench_data.py --mode train --name cpu-data-train
 python scripts/bench_data.py --mode train --name gpu-data-train --devices cpu cuda
+python scripts/bench_data.py --mode eval --name cpu-data-eval
 
 `--mode train`: training's data path (read, decode, augment; no model) for the uint8 and the
 compact JPEG store, 256 px stored -> 224 px input: CPU ms per trained image (process CPU
 time) and images/s, old and new interleaved. Writes benchmarks/results/<name>.json and .md
 with the machine, the command and the load average.
+
+`--mode eval`: central evaluation of a synthetic val split (256 px stored -> 224 px input),
+the per-image path (HDF5 re-read, per-image CPU transforms) against the in-memory path (read
+and resized once, batched normalisation on the device), paired repeats, for the uint8 and the
+JPEG store; the same metrics from both (their largest difference is reported).
 """
 
 from __future__ import annotations
@@ -23,22 +29,37 @@ from typing import Any
 import torch
 
 from flair_fl.bench.data import TrainBench, run_train_bench, train_markdown
+from flair_fl.bench.data_eval import EvalWorkload, eval_markdown, run_eval_benchmark
 from flair_fl.bench.run import command_line, machine
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The options given on the command line (the others: each mode's own default)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
 def train_mode(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
-    bench = TrainBench(
-        users=args.users, repeats=args.repeats, epochs=args.epochs, threads=args.threads
-    )
+    shared = _given(args, "users", "repeats", "image_size", "input_size", "cache_dir")
+    bench = TrainBench(epochs=args.epochs, threads=args.threads, **shared)
     report = run_train_bench(bench, [torch.device(d) for d in args.devices])
     return report, train_markdown(report)
+
+
+def eval_mode(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    shared = _given(args, "users", "repeats", "image_size", "input_size", "cache_dir")
+    work = EvalWorkload(
+        model=args.model, batch_size=args.batch_size, precision=args.precision, **shared
+    )
+    report = run_eval_benchmark(work, [torch.device(d) for d in args.devices])
+    return report, eval_markdown(report)
 
 
 # Each mode: a function of the parsed arguments -> (its report, its markdown lines).
 MODES: dict[str, Callable[[argparse.Namespace], tuple[dict[str, Any], list[str]]]] = {
     "train": train_mode,
+    "eval": eval_mode,
 }
 
 
@@ -49,10 +70,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the report goes")
     default_devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], default=default_devices)
-    parser.add_argument("--users", type=int, default=TrainBench.users)
-    parser.add_argument("--repeats", type=int, default=TrainBench.repeats)
+    # Shared by the modes; unset: each mode's default (train: TrainBench, eval: EvalWorkload).
+    parser.add_argument("--users", type=int, help="synthetic users")
+    parser.add_argument("--repeats", type=int, help="old/new pairs")
+    parser.add_argument("--image-size", type=int, help="stored px (default 256)")
+    parser.add_argument("--input-size", type=int, help="px into the model (default 224)")
+    parser.add_argument("--cache-dir", help="where the synthetic set is cached")
     parser.add_argument("--epochs", type=int, default=TrainBench.epochs)
     parser.add_argument("--threads", type=int, default=TrainBench.threads)
+    parser.add_argument("--model", choices=["smallcnn", "resnet18"], default=EvalWorkload.model)
+    parser.add_argument("--batch-size", type=int, default=EvalWorkload.batch_size, help="eval")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=EvalWorkload.precision)
     args = parser.parse_args(argv)
     if "cuda" in args.devices and not torch.cuda.is_available():
         parser.exit(2, "bench_data.py: --devices cuda: no CUDA device here\n")

@@ -1,4 +1,4 @@
-"""scripts/bench_data.py's training mode on a tiny workload: both paths, both stores, ratios."""
+"""scripts/bench_data.py on tiny workloads: train and eval modes, both paths, both stores."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from flair_fl.bench.data import TrainBench, run_train_bench, train_markdown
+from scripts.bench_data import main
 
 
 def test_train_bench_times_old_and_new_on_the_same_images(tmp_path: Path) -> None:
@@ -29,3 +30,21 @@ def test_train_bench_times_old_and_new_on_the_same_images(tmp_path: Path) -> Non
     assert len(report["load_average_before"]) == 3
     assert any("| cpu / jpeg | new |" in line for line in train_markdown(report))
     json.dumps(report)  # the script writes it as JSON
+
+
+def test_eval_mode_writes_paired_results_for_both_stores(tmp_path: Path) -> None:
+    # Prepare: a tiny synthetic set, through the one bench_data CLI
+    args = ["--mode", "eval", "--name", "tiny", "--out", str(tmp_path), "--repeats", "2"]
+    args += ["--users", "12", "--image-size", "16", "--input-size", "12", "--devices", "cpu"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--batch-size", "4"]
+
+    # Execute
+    assert main(args) == 0
+
+    # Assert: paired timings per store, both paths give the same metrics
+    report = json.loads((tmp_path / "tiny.json").read_text())["eval"]
+    assert set(report["results"]) >= {"cpu/uint8", "cpu/jpeg"}
+    for result in report["results"].values():
+        assert len(result["per_image_s"]) == len(result["in_memory_s"]) == 2
+        assert result["images"] > 0 and result["max_metric_difference"] <= 1e-4
+    assert "Load average" in (tmp_path / "tiny.md").read_text()

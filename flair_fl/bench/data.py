@@ -51,9 +51,15 @@ class TrainBench:
 
 
 def bench_files(bench: TrainBench) -> dict[str, Path]:
-    """The synthetic set in both stores (made once, cached by its parameters)."""
-    spec = SyntheticSpec(num_users=bench.users, image_size=bench.image_size, seed=bench.seed)
-    root = Path(bench.cache_dir).expanduser() / f"bench-data-{spec.key()}"
+    """The training side's synthetic set in both stores."""
+    return synthetic_stores(bench.users, bench.image_size, bench.seed, bench.cache_dir)
+
+
+def synthetic_stores(users: int, image_size: int, seed: int, cache_dir: str) -> dict[str, Path]:
+    """A synthetic set in both stores (made once, cached by its parameters); shared by the
+    train and eval modes."""
+    spec = SyntheticSpec(num_users=users, image_size=image_size, seed=seed)
+    root = Path(cache_dir).expanduser() / f"bench-data-{spec.key()}"
     raw = root / "raw"
     if not is_complete(raw, spec):
         generate_synthetic_flair(raw, spec)
