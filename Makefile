@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export FLWR_TELEMETRY_ENABLED := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock run test test-slow test-full lint format typecheck explore clean
+.PHONY: help setup lock run test test-slow test-full lint format typecheck explore clean gpu-bundle
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ format: setup ## Apply ruff formatting and safe fixes
 
 explore: setup ## Dataset report: make explore DATA=path/to/raw-dir-or.hdf5
 	$(PY) -m flair_fl.explore $(DATA) $(ARGS)
+
+gpu-bundle: setup ## Wheels for a GPU machine without a package index (.gpu_bundle/py3.12)
+	$(PY) scripts/gpu_bundle.py $(ARGS)
 
 clean: ## Remove caches (keeps .venv, data and outputs)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache
