@@ -11,7 +11,6 @@ from flair_fl.data.augment import TrainAugment
 from flair_fl.data.datasets import TrainImages
 from flair_fl.data.hdf5 import FlairHDF5
 from flair_fl.models.small_cnn import small_cnn
-from flair_fl.privacy.dp_sgd import train_local_dp_sgd
 from flair_fl.training import LocalTraining, train_local
 
 CPU = torch.device("cpu")
@@ -35,6 +34,9 @@ def train(data: TrainImages, dp: bool = False, device: torch.device = CPU) -> tu
     model = small_cnn(17, width=4)
     order = torch.Generator().manual_seed(1)
     if dp:
+        # imported here: opacus needs scipy, which the GPU check's bundle leaves out
+        from flair_fl.privacy.dp_sgd import train_local_dp_sgd
+
         dp_settings = {"noise_multiplier": 0.5, "max_grad_norm": 1.0}
         stats = train_local_dp_sgd(
             model, data, SETTINGS, device, order, dp_settings, inputs=data.inputs
