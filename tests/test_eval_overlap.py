@@ -155,11 +155,16 @@ def test_killed_overlapped_run_resumes_exactly(run_overrides: list[str], tmp_pat
     the rows equal an uninterrupted serial run's, none lost or logged twice."""
     args = [*run_overrides, "num_rounds=5", "checkpoint_every=1", "eval_every=1"]
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
-    assert _run([*args, "eval.overlap=false", f"hydra.run.dir={full}"]).wait(timeout=600) == 0
+    serial = _run([*args, "eval.overlap=false", f"hydra.run.dir={full}"])
+    serial_output = serial.communicate(timeout=600)[0]
+    assert serial.returncode == 0, serial_output[-3000:]
 
     process = _run([*args, "eval.overlap=true", f"hydra.run.dir={interrupted}"])
     _kill_after_round(process, interrupted, last=2)
-    resumed = _run([f"resume={interrupted}", f"hydra.run.dir={tmp_path / 'unused'}"])
+    # the cluster address is given again: a run dir may not say where a run connects
+    resumed = _run(
+        [*run_overrides, f"resume={interrupted}", f"hydra.run.dir={tmp_path / 'unused'}"]
+    )
     output = resumed.communicate(timeout=600)[0]
 
     assert resumed.returncode == 0, output[-3000:]
