@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flair_fl.bench.run import markdown, run_benchmark, write_report
 from flair_fl.bench.workload import Workload
 from tests.conftest import CACHE_DIR
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_smoke_benchmark_reports_both_paths_on_the_same_work(
     run_overrides: list[str], tmp_path: Path
 ) -> None:
@@ -57,6 +60,7 @@ def test_smoke_benchmark_reports_both_paths_on_the_same_work(
     assert report["machine"]["cores"] and report["machine"]["torch"]
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_thread_scaling_probe_reports_three_timings() -> None:
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_threads.py"
     done = subprocess.run(

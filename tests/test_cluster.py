@@ -30,6 +30,7 @@ def _train_losses(out: Path) -> list[float]:
     return [json.loads(line)["train_loss"] for line in lines]
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_two_rounds_on_a_ray_head_with_a_per_node_data_path(
     tmp_path: Path, ray_head: str | None
 ) -> None:

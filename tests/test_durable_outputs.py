@@ -131,6 +131,7 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path: Path) -> Non
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_results_on_a_full_disk_keep_the_previous_file(tmp_path: Path) -> None:
     # Prepare: results.json of an earlier write; the new one is far larger than the limit
     body = """

@@ -94,6 +94,7 @@ def _check_counts(rows: list[dict[str, Any]], expected: list[dict[str, int]], co
         pytest.param("hang", marks=pytest.mark.slow),
     ],
 )
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_each_fault_kind_is_counted_and_the_run_goes_on(
     run_overrides: list[str], tmp_path: Path, kind: str
 ) -> None:
@@ -139,6 +140,7 @@ def test_mixed_faults_at_twenty_percent(run_overrides: list[str], tmp_path: Path
     assert summary["rounds"] == 5 and np.isfinite(summary["final_val_loss"])
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_too_few_replies_skip_the_round_and_dp_still_counts_it(
     run_overrides: list[str], tmp_path: Path
 ) -> None:
@@ -160,6 +162,7 @@ def test_too_few_replies_skip_the_round_and_dp_still_counts_it(
     assert epsilons[0] < epsilons[1] < epsilons[2], "the accountant counts skipped rounds"
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_all_updates_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
     run_overrides: list[str], tmp_path: Path
 ) -> None:

@@ -125,6 +125,7 @@ def test_reader_rebuilt_from_plain_settings_is_the_same(tiny_hdf5: Path) -> None
         open_reader(str(tiny_hdf5), partition="dirichlet")
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_run_with_iid_partition(run_overrides: list[str], tmp_path: Path) -> None:
     # Prepare
     cfg = compose_config(

@@ -81,6 +81,7 @@ def test_preset_runs_one_round_on_debug_data(
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_scaffold_user_state_survives_rounds_without_the_user(
     run_overrides: list[str], tmp_path: Path
 ) -> None:
@@ -107,6 +108,7 @@ def test_scaffold_user_state_survives_rounds_without_the_user(
     assert any(v.abs().sum() > 0 for v in state.values())
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_binary_label_mode_trains_a_single_output(run_overrides: list[str], tmp_path: Path) -> None:
     cfg = compose_config([*run_overrides, "data.binary_label=structure"])
 

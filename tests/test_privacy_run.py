@@ -22,6 +22,7 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_central_dp_run_logs_the_budget_and_stops_before_exceeding_max_epsilon(
     run_overrides: list[str], tmp_path: Path
 ) -> None:
@@ -69,6 +70,7 @@ def test_central_dp_run_logs_the_budget_and_stops_before_exceeding_max_epsilon(
     assert summary["privacy_dp_epsilon"] == rows[-1]["dp_epsilon"]
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_dp_sgd_run_reports_the_worst_users_sample_level_epsilon(
     run_overrides: list[str], tmp_path: Path
 ) -> None:

@@ -113,6 +113,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> 
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no half-written file
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_resume_with_a_changed_key_is_refused_with_the_keys(
     run_overrides: list[str], tmp_path: Path
 ) -> None:

@@ -127,6 +127,7 @@ def test_training_beats_the_untrained_model(run_overrides: list[str], tmp_path: 
     assert summary["final_val_micro_ap"] > summary["untrained_val_micro_ap"] + 0.1, summary
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_same_seed_same_run_and_other_seed_other_users(
     run_overrides: list[str], tmp_path: Path
 ) -> None:
@@ -145,6 +146,7 @@ def test_same_seed_same_run_and_other_seed_other_users(
     assert CohortSampler(users, 5, 7).sample(3) != CohortSampler(users, 5, 7).sample(4)
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_only_trainable_parameters_travel(run_overrides: list[str], tmp_path: Path) -> None:
     # BatchNorm running statistics change during local training (train mode) but are
     # buffers: they must come back from no client and stay at their initial values.
@@ -224,6 +226,7 @@ def test_hdf5_without_val_split_is_refused(tiny_hdf5: Path, tmp_path: Path) -> N
     assert "'val' split" in str(err.value)
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_multirun_sweep_writes_one_dir_per_job(run_overrides: list[str], tmp_path: Path) -> None:
     # Prepare: two jobs whose cohort has failing clients (seeded: 2 of 3 raise in round 1)
     sweep_dir = tmp_path / "sweep"

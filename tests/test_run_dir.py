@@ -136,6 +136,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, attach: list[str]) ->
     return run_dir
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_resuming_a_finished_run_says_so_and_changes_nothing(
     finished_run: Path, tmp_path: Path
 ) -> None:
@@ -149,6 +150,7 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(
     assert _digests(finished_run) == before
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_a_run_killed_after_its_last_checkpoint_finishes_with_that_model(
     finished_run: Path, attach: list[str], tmp_path: Path
 ) -> None:

@@ -12,6 +12,7 @@ from flair_fl.experiment import run_experiment
 from tests.helpers import compose_config
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_a_run_whose_every_round_was_skipped_fails_with_the_reason(
     run_overrides: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -27,6 +28,7 @@ def test_a_run_whose_every_round_was_skipped_fails_with_the_reason(
     assert not (tmp_path / "model_final.pt").exists()
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_divergence_from_injected_nan_names_no_checkpoint_and_blames_no_lr(
     run_overrides: list[str], tmp_path: Path
 ) -> None:

@@ -142,6 +142,7 @@ def _shm_files(pid: int) -> list[Path]:
     ],
     ids=["ctrl-c", "sigterm", "ctrl-c-overlapped-eval"],
 )
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_signal_mid_round_stops_the_run_cleanly(
     sig: signal.Signals,
     to_group: bool,

@@ -90,6 +90,7 @@ def _without_timing(rows: list[dict]) -> list[dict]:
     ],
     ids=["fedavg", "fedadam-central-dp", "scaffold"],
 )
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_shared_and_message_transports_give_identical_runs(
     run_overrides: list[str], tmp_path: Path, extra: list[str]
 ) -> None:

@@ -107,6 +107,7 @@ def test_disabled_mode_logs_nothing_and_writes_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
 def test_run_with_wandb_offline_and_a_broken_logger_completes(
     run_overrides: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
