@@ -23,7 +23,7 @@ from flair_fl.models.params import trainable_state
 from flair_fl.models.small_cnn import small_cnn
 from flair_fl.privacy import NoPrivacy
 from tests.helpers import compose_config
-from tests.test_resume import _kill_after_round, _rows, _run
+from tests.test_resume import _kill_after_round, _rows, _run, resume_and_compare
 
 
 class Rows:
@@ -161,17 +161,5 @@ def test_killed_overlapped_run_resumes_exactly(run_overrides: list[str], tmp_pat
 
     process = _run([*args, "eval.overlap=true", f"hydra.run.dir={interrupted}"])
     _kill_after_round(process, interrupted, last=2)
-    # the cluster address is given again: a run dir may not say where a run connects
-    resumed = _run(
-        [*run_overrides, f"resume={interrupted}", f"hydra.run.dir={tmp_path / 'unused'}"]
-    )
-    output = resumed.communicate(timeout=600)[0]
-
-    assert resumed.returncode == 0, output[-3000:]
-    assert "resuming" in output
-    expected, got = _rows(full), _rows(interrupted)
-    assert [r["round"] for r in got] == [1, 2, 3, 4, 5]
-    for a, b in zip(expected, got, strict=True):
-        for key in (k for k in a if not is_measurement(k)):
-            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["round"], key)
+    resume_and_compare(run_overrides, full, interrupted, tmp_path)
     assert (interrupted / CHECKPOINT_NAME).is_file()

@@ -54,6 +54,27 @@ def _kill_after_round(process: subprocess.Popen[str], run_dir: Path, last: int) 
     raise AssertionError("run did not reach the round to kill at")
 
 
+def resume_and_compare(
+    run_overrides: list[str], full: Path, interrupted: Path, tmp_path: Path
+) -> list[dict[str, object]]:
+    """Resume `interrupted` and check its per-round metrics equal the uninterrupted `full`
+    run's (measurements aside); returns full's rows. The Ray head's address is given again:
+    resume takes no `+` key from a run dir."""
+    resumed = _run(
+        [*run_overrides, f"resume={interrupted}", f"hydra.run.dir={tmp_path / 'unused'}"]
+    )
+    output = resumed.communicate(timeout=600)[0]
+
+    assert resumed.returncode == 0, output[-3000:]
+    assert "resuming" in output
+    expected, got = _rows(full), _rows(interrupted)
+    assert [r["round"] for r in got] == [1, 2, 3, 4, 5]
+    for a, b in zip(expected, got, strict=True):
+        for key in (k for k in a if not is_measurement(k)):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["round"], key)
+    return expected
+
+
 ADAFEDPROX = ["strategy=adafedprox", "strategy.proximal_mu=0.5", "strategy.adaptive_mu.every=1"]
 
 
@@ -74,19 +95,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(
 
     process = _run([*args, f"hydra.run.dir={interrupted}"])
     _kill_after_round(process, interrupted, last=2)
-    # the Ray head's address is given again: resume takes no `+` key from a run dir
-    resumed = _run(
-        [*run_overrides, f"resume={interrupted}", f"hydra.run.dir={tmp_path / 'unused'}"]
-    )
-    output = resumed.communicate(timeout=600)[0]
-
-    assert resumed.returncode == 0, output[-3000:]
-    assert "resuming" in output
-    expected, got = _rows(full), _rows(interrupted)
-    assert [r["round"] for r in got] == [1, 2, 3, 4, 5]
-    for a, b in zip(expected, got, strict=True):
-        for key in (k for k in a if not is_measurement(k)):
-            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["round"], key)
+    expected = resume_and_compare(run_overrides, full, interrupted, tmp_path)
     if strategy == ADAFEDPROX:  # mu of each round: pfl-research's rule on the val losses
         untrained = json.loads((full / "summary.json").read_text())["untrained_val_loss"]
         losses = [untrained] + [r["val_loss"] for r in expected]
