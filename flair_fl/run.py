@@ -18,11 +18,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from flair_fl import stopping
-from flair_fl.config_checks import validate_run_config
-from flair_fl.job_failure import job_failed
-from flair_fl.resume import resume_config
-from flair_fl.run_dir import report_finished, run_dir_lock
+from flair_fl.artifacts.resume import resume_config
+from flair_fl.artifacts.run_dir import report_finished, run_dir_lock
+from flair_fl.modes.config_checks import validate_run_config
+from flair_fl.services import stopping
+from flair_fl.services.job_failure import job_failed
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 # conf/hydra/launcher/submitit_*.yaml are checked against the submitit plugin's schema of the
@@ -33,7 +33,7 @@ warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStor
 def execute(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
     """Run the configured mode (federated or central); returns its summary."""
     validate_run_config(cfg)  # bad values fail here, before torch and Flower are imported
-    from flair_fl.driver import build
+    from flair_fl.modes.driver import build
 
     runner = build(cfg.mode, "mode")
     summary: dict[str, Any] = runner(cfg=cfg, output_dir=output_dir)

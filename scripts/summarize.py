@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flair_fl.summarize import (
+from flair_fl.artifacts.summarize import (
     DEFAULT_METRICS,
     find_jobs,
     format_text,

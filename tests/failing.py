@@ -12,9 +12,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from flair_fl.driver import build_loggers
-from flair_fl.experiment import run_experiment
 from flair_fl.loggers import open_loggers
+from flair_fl.modes.driver import build_loggers
+from flair_fl.modes.federated import run_experiment
 
 
 class BrokenLogger:

@@ -213,8 +213,8 @@ def _train_user(reader: FlairHDF5, user: str, device: torch.device) -> dict[str,
     """One client's local training (the client's own data path) from `reader`."""
     from flair_fl.data.augment import TrainAugment
     from flair_fl.data.datasets import TrainImages
+    from flair_fl.learning.local_training import LocalTraining, train_local
     from flair_fl.models.small_cnn import small_cnn
-    from flair_fl.training import LocalTraining, train_local
 
     data = TrainImages.from_file(
         reader, user, "coarse", TrainAugment(24), torch.Generator().manual_seed(2), device, 64

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from flair_fl.config_checks import (
+from flair_fl.modes.config_checks import (
     BOUNDS,
     CONF_DIR,
     ConfigError,

@@ -111,7 +111,7 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path: Path) -> Non
     # Prepare: a small checkpoint exists; the next one is 400 kB, past the limit
     body = """
     import torch
-    from flair_fl.checkpoint import atomic_save
+    from flair_fl.artifacts.checkpoint import atomic_save
 
     atomic_save({"round": 1, "w": torch.ones(10)}, out / "checkpoint.pt")
     limit_file_size(extra=100_000)
@@ -135,7 +135,7 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path: Path) -> Non
 def test_results_on_a_full_disk_keep_the_previous_file(tmp_path: Path) -> None:
     # Prepare: results.json of an earlier write; the new one is far larger than the limit
     body = """
-    from flair_fl.driver import write_results
+    from flair_fl.modes.driver import write_results
 
     write_results({"rounds": 1, "final_val_macro_ap": 0.5}, out)
     limit_file_size(extra=50)
@@ -176,7 +176,7 @@ def test_a_writer_killed_mid_write_leaves_no_temporary_behind_for_long(tmp_path:
     busy.write_bytes(b"being written")
     try:
         # Execute: the next checkpoint write
-        from flair_fl.checkpoint import atomic_save
+        from flair_fl.artifacts.checkpoint import atomic_save
 
         atomic_save({"round": 2}, tmp_path / "checkpoint.pt")
 

@@ -13,14 +13,14 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg
 
-from flair_fl.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from flair_fl.artifacts.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flair_fl.data.source import FederatedData
-from flair_fl.driver import RoundTracker
-from flair_fl.evaluator import CentralEvaluator
-from flair_fl.experiment import _Checkpointer, run_experiment
 from flair_fl.federated.server_app import LoopOutcome, is_measurement
+from flair_fl.learning.evaluator import CentralEvaluator
 from flair_fl.models.params import trainable_state
 from flair_fl.models.small_cnn import small_cnn
+from flair_fl.modes.driver import RoundTracker
+from flair_fl.modes.federated import _Checkpointer, run_experiment
 from flair_fl.privacy import NoPrivacy
 from tests.helpers import compose_config
 from tests.test_resume import _kill_after_round, _rows, _run, resume_and_compare

@@ -14,7 +14,7 @@ from flair_fl.bench.eval_paths import in_memory, load_in_memory, per_image
 from flair_fl.data.augment import IMAGENET_MEAN, IMAGENET_STD, resize_uint8, to_model_input
 from flair_fl.data.datasets import build_transform
 from flair_fl.data.source import FederatedData
-from flair_fl.evaluator import CentralEvaluator, overlap_enabled
+from flair_fl.learning.evaluator import CentralEvaluator, overlap_enabled
 from flair_fl.models.small_cnn import small_cnn
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

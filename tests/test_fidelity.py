@@ -17,17 +17,17 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from flair_fl.driver import RoundTracker, build
+from flair_fl.artifacts.summarize import CSV_NAME, find_jobs, format_text, summarize, write_outputs
 from flair_fl.federated.server_app import LoopOutcome
 from flair_fl.loggers import LoggerErrors, start_logger
 from flair_fl.loggers.console import ConsoleProgress
 from flair_fl.loggers.files import file_logger
 from flair_fl.loggers.wandb import WandbLogger
+from flair_fl.modes.driver import RoundTracker, build
 from flair_fl.privacy import NoPrivacy, PrivacyContext
 from flair_fl.privacy.accounting import update_noise_multiplier
 from flair_fl.privacy.central import AdaptiveClipping, CentralDP
 from flair_fl.privacy.local import LocalDPSGD
-from flair_fl.summarize import CSV_NAME, find_jobs, format_text, summarize, write_outputs
 from tests.helpers import compose_config
 from tests.wandb_records import offline_runs, read_offline_run
 

@@ -11,9 +11,9 @@ from flwr.serverapp.strategy import FedAvg
 from torch.utils.data import TensorDataset
 
 from flair_fl.federated.user_state import UserStateStore, scaffold_update, split_control
+from flair_fl.learning.local_training import LocalTraining, train_local
 from flair_fl.models.params import load_trainable, trainable_state
 from flair_fl.models.small_cnn import small_cnn
-from flair_fl.training import LocalTraining, train_local
 from tests.flower_messages import reply
 
 CPU = torch.device("cpu")

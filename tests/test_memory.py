@@ -32,7 +32,7 @@ def test_a_child_of_a_large_process_reports_its_own_peak() -> None:
         import numpy as np
         held = np.ones(600 * 2**20 // 8)  # 600 MiB, touched
         child = subprocess.run([sys.executable, "-c", (
-            "import json, resource; from flair_fl.memory import peak_rss_mb; "
+            "import json, resource; from flair_fl.services.memory import peak_rss_mb; "
             "print(json.dumps({'peak': peak_rss_mb(), "
             "'ru_maxrss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
         )], capture_output=True, text=True, check=True)
@@ -50,7 +50,7 @@ def test_reset_starts_the_peak_over() -> None:
         """
         import json
         import numpy as np
-        from flair_fl.memory import peak_rss_mb, reset_peak_rss
+        from flair_fl.services.memory import peak_rss_mb, reset_peak_rss
         block = np.ones(400 * 2**20 // 8)
         del block
         before = peak_rss_mb()

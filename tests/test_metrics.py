@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, precision_score, recall_score
 
-from flair_fl.metrics import MetricState
+from flair_fl.learning.metrics import MetricState
 
 NUM_THRESHOLDS = 200
 

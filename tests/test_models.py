@@ -14,9 +14,9 @@ from torchvision.models import resnet18
 
 from flair_fl.data.datasets import UserDataset
 from flair_fl.data.hdf5 import FlairHDF5
+from flair_fl.learning.local_training import LocalTraining, train_local
 from flair_fl.models.params import load_trainable, trainable_state
 from flair_fl.models.resnet import resnet18_groupnorm, resnet18_pretrained
-from flair_fl.training import LocalTraining, train_local
 
 
 @pytest.fixture(scope="module")

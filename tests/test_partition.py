@@ -16,7 +16,7 @@ from flair_fl.data.hdf5 import FlairHDF5
 from flair_fl.data.partition import IidPartition
 from flair_fl.data.raw import FlairFormatError
 from flair_fl.data.source import open_reader
-from flair_fl.experiment import run_experiment
+from flair_fl.modes.federated import run_experiment
 from tests.helpers import compose_config
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from flair_fl.experiment import run_experiment
+from flair_fl.modes.federated import run_experiment
 from flair_fl.privacy.dp_strategy import NoiseSettings
 from tests.helpers import compose_config
 

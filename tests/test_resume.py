@@ -14,10 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from flair_fl.checkpoint import CHECKPOINT_NAME, atomic_save, differing_keys, load_checkpoint
-from flair_fl.config_checks import ConfigError
-from flair_fl.experiment import run_experiment
+from flair_fl.artifacts.checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_save,
+    differing_keys,
+    load_checkpoint,
+)
 from flair_fl.federated.server_app import is_measurement
+from flair_fl.modes.config_checks import ConfigError
+from flair_fl.modes.federated import run_experiment
 from tests.helpers import compose_config
 from tests.test_adaptive_mu import pfl_mu_sequence
 
@@ -148,6 +153,15 @@ def test_differing_keys_ignores_neutral_ones() -> None:
     saved = {"seed": 0, "client": {"lr": 0.1}, "simulation": {"x": 1}, "device": "cpu"}
     current = {"seed": 1, "client": {"lr": 0.1}, "simulation": {"x": 2}, "device": "cuda"}
     assert differing_keys(saved, current) == ["seed"]
+
+
+def test_a_checkpoint_naming_a_moved_target_resumes() -> None:
+    # Written before flair-fl's modules moved into packages: same function, old path.
+    saved = {"mode": {"_target_": "flair_fl.experiment.run_experiment"}, "seed": 0}
+    current = {"mode": {"_target_": "flair_fl.modes.federated.run_experiment"}, "seed": 0}
+    assert differing_keys(saved, current) == []
+    other = {"mode": {"_target_": "flair_fl.modes.centralized.run_central"}, "seed": 0}
+    assert differing_keys(saved, other) == ["mode._target_"]
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:

@@ -17,12 +17,12 @@ from hydra.errors import MissingConfigException
 from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 
-from flair_fl.config_checks import ConfigError
 from flair_fl.data.raw import FlairFormatError
-from flair_fl.experiment import run_experiment
 from flair_fl.federated.sampling import CohortSampler
 from flair_fl.federated.server_app import is_measurement
 from flair_fl.models.params import trainable_state
+from flair_fl.modes.config_checks import ConfigError
+from flair_fl.modes.federated import run_experiment
 from tests.helpers import CONF_DIR, compose_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -286,8 +286,8 @@ def test_central_evaluation_halves_its_batch_on_gpu_out_of_memory(
 ) -> None:
     """No GPU here, so the CUDA out-of-memory error is raised by a wrapper around the real
     evaluation for batches above 4 (a test double only for what cannot run here)."""
-    import flair_fl.driver as driver
-    import flair_fl.evaluator as central
+    import flair_fl.learning.evaluator as central
+    import flair_fl.modes.driver as driver
 
     cfg = compose_config(run_overrides)
     data = driver.build(cfg.data, "data")

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from flair_fl.processes import this_host
-from flair_fl.run_dir import LOCK_NAME, RunDirBusy, run_dir_lock
+from flair_fl.artifacts.run_dir import LOCK_NAME, RunDirBusy, run_dir_lock
+from flair_fl.services.processes import this_host
 from tests.conftest import CACHE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-HOLD = "import sys, time; from pathlib import Path; from flair_fl.run_dir import run_dir_lock\n"
+HOLD = "import sys, time; from pathlib import Path\n"
+HOLD += "from flair_fl.artifacts.run_dir import run_dir_lock\n"
 HOLD += "with run_dir_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(900)\n"
 
 

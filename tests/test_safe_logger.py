@@ -7,8 +7,6 @@ from typing import Any
 
 import pytest
 
-from flair_fl.config_checks import ConfigError
-from flair_fl.driver import build_loggers
 from flair_fl.loggers import (
     LoggerErrors,
     SafeLogger,
@@ -17,6 +15,8 @@ from flair_fl.loggers import (
     start_logger,
 )
 from flair_fl.loggers.files import FileLogger
+from flair_fl.modes.config_checks import ConfigError
+from flair_fl.modes.driver import build_loggers
 from tests.failing import BrokenLogger
 from tests.helpers import compose_config
 

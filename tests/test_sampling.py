@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from flair_fl.experiment import _sampler
 from flair_fl.federated.sampling import CohortSampler, WithReplacementSampler, repeat_indices
+from flair_fl.modes.federated import _sampler
 from tests.helpers import compose_config
 
 USERS = [f"u{i}" for i in range(5)]

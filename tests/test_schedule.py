@@ -17,9 +17,9 @@ import logging
 import pytest
 import torch
 
-from flair_fl.experiment import _build_strategy
 from flair_fl.federated.schedule import ScheduledServerLR, ServerLRSchedule
 from flair_fl.federated.strategies import ServerOptimizer
+from flair_fl.modes.federated import _build_strategy
 from flair_fl.privacy import NoPrivacy, PrivacyContext
 from tests.helpers import compose_config
 

@@ -19,8 +19,8 @@ import pytest
 
 from flair_fl.federated import ray_node
 from flair_fl.federated.server_app import last_line
-from flair_fl.log_format import PlainFormatter
 from flair_fl.loggers.console import ConsoleProgress
+from flair_fl.services.log_format import PlainFormatter
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "ray", "flwr", "numpy", "h5py", "opacus")

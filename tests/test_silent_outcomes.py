@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flair_fl.errors import NoRoundTrained, TrainingDiverged
-from flair_fl.experiment import run_experiment
+from flair_fl.modes.federated import run_experiment
 from tests.helpers import compose_config
 
 

@@ -23,8 +23,8 @@ from hydra._internal.utils import create_config_search_path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import HydraContext, RunMode
 
-from flair_fl.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from flair_fl.job_resources import job_cpus, sized_init_args
+from flair_fl.artifacts.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from flair_fl.services.job_resources import job_cpus, sized_init_args
 from hydra_plugins.flair_fl_launcher.resuming_launcher import ResumingLocalLauncher, with_resume
 from tests.conftest import CACHE_DIR
 from tests.helpers import CONF_DIR

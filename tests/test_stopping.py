@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from flair_fl.checkpoint import load_checkpoint
+from flair_fl.artifacts.checkpoint import load_checkpoint
 from flair_fl.federated.transport import HOST_FILE, SharedTransport, default_shared_root
 from tests.conftest import CACHE_DIR
 
@@ -250,7 +250,7 @@ def _python(code: str, tmp_path: Path) -> subprocess.Popen[str]:
 STUCK_RUN = """
 import time
 from pathlib import Path
-from flair_fl import stopping
+from flair_fl.services import stopping
 
 with stopping.handling(grace_s={grace}):
     stopping.add_stop_hook(lambda: Path("{out}/hook").write_text("ran"))
@@ -288,7 +288,7 @@ def test_a_run_that_does_not_stop_is_ended_after_cleanups(
 
 
 def test_a_signal_maps_to_its_status_and_handlers_come_back() -> None:
-    from flair_fl import stopping
+    from flair_fl.services import stopping
 
     before = signal.getsignal(signal.SIGTERM)
     with stopping.handling():
@@ -302,7 +302,7 @@ def test_a_signal_maps_to_its_status_and_handlers_come_back() -> None:
 def test_outside_a_run_handlers_are_left_to_the_caller() -> None:
     # An in-process caller of run_experiment (no handling()): start_ray re-installing the
     # run's handlers after ray.init would leave them installed for good
-    from flair_fl import stopping
+    from flair_fl.services import stopping
 
     before = signal.getsignal(signal.SIGTERM)
 

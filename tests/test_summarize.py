@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flair_fl.summarize import CSV_NAME, MARKDOWN_NAME, find_jobs, format_text, summarize
+from flair_fl.artifacts.summarize import CSV_NAME, MARKDOWN_NAME, find_jobs, format_text, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 # (strategy, seed, best val macro AP, final test macro AP); None: the job failed

@@ -10,8 +10,8 @@ import torch
 from flair_fl.data.augment import TrainAugment
 from flair_fl.data.datasets import TrainImages
 from flair_fl.data.hdf5 import FlairHDF5
+from flair_fl.learning.local_training import LocalTraining, train_local
 from flair_fl.models.small_cnn import small_cnn
-from flair_fl.training import LocalTraining, train_local
 
 CPU = torch.device("cpu")
 SETTINGS = LocalTraining(epochs=2, batch_size=4, lr=0.1, proximal_mu=0.1)

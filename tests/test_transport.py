@@ -10,7 +10,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from flair_fl.experiment import run_experiment
 from flair_fl.federated.server_app import is_measurement
 from flair_fl.federated.transport import (
     Layout,
@@ -19,6 +18,7 @@ from flair_fl.federated.transport import (
     map_flat,
     write_flat,
 )
+from flair_fl.modes.federated import run_experiment
 from tests.helpers import compose_config
 
 

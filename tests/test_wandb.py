@@ -16,8 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from flair_fl.experiment import run_experiment
 from flair_fl.loggers.wandb import RUN_ID_FILE, WandbLogger
+from flair_fl.modes.federated import run_experiment
 from tests.helpers import compose_config
 from tests.wandb_records import OfflineRun, offline_runs, read_offline_run
 

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 from flair_fl.data.datasets import SplitDataset, build_transform
 from flair_fl.data.eval_split import EvalImages, load_eval_split
 from flair_fl.data.source import FederatedData
-from flair_fl.metrics import MetricState
-from flair_fl.training import evaluate
+from flair_fl.learning.local_training import evaluate
+from flair_fl.learning.metrics import MetricState
 
 
 @torch.no_grad()

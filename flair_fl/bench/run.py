@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from flair_fl.bench.reference import run_reference
 from flair_fl.bench.workload import Workload
-from flair_fl.memory import reset_peak_rss
+from flair_fl.services.memory import reset_peak_rss
 
 # Per-round keys of a flair-fl run (server_app.run_rounds) and what the report calls them.
 BREAKDOWN = {
@@ -65,7 +65,7 @@ def _median(rows: list[dict[str, Any]], key: str, warmup: int) -> float:
 
 def run_flair(workload: Workload, transport: str, out: Path) -> dict[str, Any]:
     """One flair-fl run of the workload; per-round rows and a summary."""
-    from flair_fl.experiment import run_experiment
+    from flair_fl.modes.federated import run_experiment
 
     reset_peak_rss()  # the driver's peak is this run's, not an earlier one's in this process
     started = time.perf_counter()

@@ -18,6 +18,7 @@ from pathlib import Path
 import h5py
 from tqdm import tqdm
 
+from flair_fl.artifacts.durable import NO_SPACE, OutputWriteError
 from flair_fl.data.decode import BlockJob, ImageSource, load_block, ordered_map
 from flair_fl.data.parquet import load_parquet_flair, parquet_files
 from flair_fl.data.raw import FlairFormatError, RawFlair, load_raw_flair
@@ -31,7 +32,6 @@ from flair_fl.data.writer import (
     Store,
     check_layout_and_store,
 )
-from flair_fl.durable import NO_SPACE, OutputWriteError
 
 __all__ = [
     "LAYOUTS",

@@ -38,10 +38,10 @@ from flair_fl.federated.transport import (
     write_flat,
 )
 from flair_fl.federated.user_state import UserStateStore, scaffold_update, split_control
-from flair_fl.memory import peak_rss_mb
-from flair_fl.metrics import MetricState
+from flair_fl.learning.local_training import LocalTraining, evaluate, train_local
+from flair_fl.learning.metrics import MetricState
 from flair_fl.models.params import load_trainable, trainable_state
-from flair_fl.training import LocalTraining, evaluate, train_local
+from flair_fl.services.memory import peak_rss_mb
 
 ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, META_KEY = "arrays", "config", "metrics", "meta"
 UNIFORM_WEIGHT_KEY = "uniform-weight"  # always 1: per-user (unweighted) averaging

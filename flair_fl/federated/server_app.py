@@ -29,12 +29,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from flair_fl import stopping
 from flair_fl.federated.client_app import ARRAYS_KEY, CONFIG_KEY, META_KEY, METRICS_KEY
 from flair_fl.federated.reduce import MeanReduction, MetricsReduction, Reduction
 from flair_fl.federated.sampling import Sampler, repeat_indices
 from flair_fl.federated.transport import MessageTransport
-from flair_fl.memory import peak_rss_mb
+from flair_fl.services import stopping
+from flair_fl.services.memory import peak_rss_mb
 
 log = logging.getLogger(__name__)
 # A failed client's whole error (its traceback): <run dir>/clients.log (conf/config.yaml)

@@ -25,9 +25,9 @@ from typing import Any
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
-from flair_fl import stopping
 from flair_fl.federated import ray_node
 from flair_fl.federated.server_app import LoopOutcome
+from flair_fl.services import stopping
 
 log = logging.getLogger(__name__)
 _FLOWER_ACTOR_LOG_LEVEL = os.environ.get("FLWR_LOG_LEVEL", "ERROR")

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
-from flair_fl import stopping
-from flair_fl.processes import pid_alive, this_host
+from flair_fl.services import stopping
+from flair_fl.services.processes import pid_alive, this_host
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class SharedTransport(MessageTransport):
                 os.posix_fallocate(handle.fileno(), 0, 2 * model_bytes)
         except OSError as err:
             self.close()
-            from flair_fl.config_checks import ConfigError
+            from flair_fl.modes.config_checks import ConfigError
 
             raise ConfigError(
                 f"simulation.shared_dir: {self.dir.parent} has no room for a round's shared "

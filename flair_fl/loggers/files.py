@@ -1,8 +1,8 @@
 """Per-round metrics as JSON lines and CSV, fsynced to disk every round.
 
-Every write goes through flair_fl.durable: a round's line is appended and fsynced (a failed
-append, say on a full disk, is truncated away so earlier lines stay parseable, and the error
-names the file); rewrites (wider CSV header, resume, summary) replace the file atomically.
+Every write goes through flair_fl.artifacts.durable: a round's line is appended and fsynced
+(a failed append, say on a full disk, is truncated away so earlier lines stay parseable, and
+the error names the file); rewrites (wider CSV header, resume, summary) replace the file atomically.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from flair_fl.durable import append_durably, write_atomically
+from flair_fl.artifacts.durable import append_durably, write_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from flair_fl.config_checks import ConfigError
+from flair_fl.modes.config_checks import ConfigError
 from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.accounting import (
     ACCOUNTANTS,

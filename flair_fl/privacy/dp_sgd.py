@@ -1,6 +1,6 @@
 """Sample-level DP-SGD for one client's local training (Opacus).
 
-`train_local_dp_sgd` mirrors `flair_fl.training.train_local`: same arguments plus the
+`train_local_dp_sgd` mirrors `flair_fl.learning.local_training.train_local`: same arguments plus the
 DP-SGD settings, same return dict plus the client's own accountant figures. Each local step
 uses Poisson sampling at rate q = 1 / ceil(n / batch_size) over the user's n images, clips
 every example's gradient to `max_grad_norm` and adds N(0, (z * max_grad_norm)^2) noise to
@@ -24,12 +24,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from flair_fl.federated.sampling import derive_seed
+from flair_fl.learning.local_training import BatchInputs, LocalTraining, batch_input
 from flair_fl.privacy.opacus_models import (
     copy_parameters_back,
     opacus_ready_copy,
     require_dp_sgd_compatible,
 )
-from flair_fl.training import BatchInputs, LocalTraining, batch_input
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ RESUME_KEY = "resume"
 
 def quoted(path: str) -> str:
     """`path` as a quoted Hydra override value (job dirs hold `=` and `,`)."""
-    from flair_fl.config_checks import ConfigError
+    from flair_fl.modes.config_checks import ConfigError
 
     for quote in ("'", '"'):
         if quote not in path:
@@ -46,7 +46,7 @@ def quoted(path: str) -> str:
 def with_resume(overrides: list[str], run_dir: Path) -> list[str]:
     """`overrides` plus `resume=<run_dir>` if the run dir holds a checkpoint and no resume
     is set; otherwise unchanged (nothing to resume: the job starts from scratch)."""
-    from flair_fl.checkpoint import CHECKPOINT_NAME
+    from flair_fl.artifacts.checkpoint import CHECKPOINT_NAME
 
     if any(o.split("=", 1)[0].lstrip("+~") == RESUME_KEY for o in overrides):
         return list(overrides)

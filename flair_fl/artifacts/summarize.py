@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from flair_fl.durable import write_atomically
+from flair_fl.artifacts.durable import write_atomically
 
 DEFAULT_METRICS = (
     "best_val_macro_ap",

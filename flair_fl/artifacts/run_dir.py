@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flair_fl.config_checks import ConfigError
-from flair_fl.processes import pid_alive, this_host
+from flair_fl.modes.config_checks import ConfigError
+from flair_fl.services.processes import pid_alive, this_host
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "run.lock"

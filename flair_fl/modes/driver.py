@@ -22,21 +22,21 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from flair_fl.checkpoint import atomic_save
-from flair_fl.config_checks import ConfigError
+from flair_fl.artifacts.checkpoint import atomic_save
+from flair_fl.artifacts.durable import write_atomically
+from flair_fl.artifacts.run_dir import RESULTS_NAME
 from flair_fl.data.raw import FlairFormatError
-from flair_fl.durable import write_atomically
-from flair_fl.evaluator import CentralEvaluator
 from flair_fl.federated.adaptive_mu import AdaptiveMu
 from flair_fl.federated.client_app import METRICS_KEY, metric_state_from_record
 from flair_fl.federated.server_app import LoopOutcome
+from flair_fl.learning.evaluator import CentralEvaluator
+from flair_fl.learning.metrics import MetricState
 from flair_fl.loggers import LoggerErrors, RunLogger, SafeLogger, start_logger
 from flair_fl.loggers.console import ConsoleProgress
-from flair_fl.metrics import MetricState
 from flair_fl.models.params import trainable_state
+from flair_fl.modes.config_checks import ConfigError
 from flair_fl.privacy import Privacy
-from flair_fl.run_dir import RESULTS_NAME
-from flair_fl.stopping import RunStopped, StopSignal
+from flair_fl.services.stopping import RunStopped, StopSignal
 
 log = logging.getLogger(__name__)
 

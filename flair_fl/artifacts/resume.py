@@ -4,7 +4,8 @@
 Hydra saved in X/.hydra/overrides.yaml are composed again, with any override given now on top
 (harmless ones such as `simulation=gpu`; one that changes results is refused by the
 experiment with the differing keys listed). The saved overrides are a file on disk: only
-overrides of the config's own keys and groups are accepted from it (flair_fl.resume_overrides).
+overrides of the config's own keys and groups are accepted from it
+(flair_fl.artifacts.resume_overrides).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
-from flair_fl.config_checks import ConfigError
-from flair_fl.resume_overrides import merge_resume_overrides
+from flair_fl.artifacts.resume_overrides import merge_resume_overrides
+from flair_fl.modes.config_checks import ConfigError
 
 
 def _saved_overrides(path: Path) -> list[str]:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from flair_fl.data.augment import to_model_input
 from flair_fl.data.eval_split import EvalImages
-from flair_fl.metrics import MetricState
+from flair_fl.learning.metrics import MetricState
 
 # Turns what the loader yields into the model's input on the device, in a memory format
 # (TrainImages.inputs: a batch of image indices -> the augmented batch).

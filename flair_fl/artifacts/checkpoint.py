@@ -7,8 +7,9 @@ bookkeeping and the config. Client-side RNGs need no saving: every draw derives 
 (seed, round, user). Files are written to a temporary name and renamed, so a kill during a
 write leaves the previous checkpoint intact.
 
-A checkpoint is data, never code: it holds tensors and plain values only (flair_fl.safe_load)
-and is loaded with `torch.load(weights_only=True)`, so a planted pickle cannot run on resume.
+A checkpoint is data, never code: it holds tensors and plain values only
+(flair_fl.artifacts.safe_load) and is loaded with `torch.load(weights_only=True)`, so a
+planted pickle cannot run on resume.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from flair_fl.config_checks import ConfigError
-from flair_fl.durable import write_atomically
+from flair_fl.artifacts.durable import write_atomically
+from flair_fl.artifacts.safe_load import from_plain, load_plain, to_plain
 from flair_fl.federated.strategies import Scaffold, ServerOptimizer
-from flair_fl.safe_load import from_plain, load_plain, to_plain
+from flair_fl.modes.config_checks import ConfigError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # Keys that may differ between a run and its resumption (they do not change results).
@@ -129,9 +130,24 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
+# `_target_`s that moved to another module: a checkpoint written before the move names the
+# old one, which is the same class or function (a resume compares them as equal).
+MOVED_TARGETS = {
+    "flair_fl.experiment.run_experiment": "flair_fl.modes.federated.run_experiment",
+    "flair_fl.central.run_central": "flair_fl.modes.centralized.run_central",
+}
+
+
+def _current_target(key: str, value: Any) -> Any:
+    if key.endswith("_target_") and isinstance(value, str):
+        return MOVED_TARGETS.get(value, value)
+    return value
+
+
 def differing_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Keys whose values differ between two resolved configs, neutral keys excluded."""
-    a, b = _flatten(saved), _flatten(current)
+    a = {k: _current_target(k, v) for k, v in _flatten(saved).items()}
+    b = _flatten(current)
     neutral = tuple(NEUTRAL_KEYS)
     return sorted(
         k

@@ -17,9 +17,9 @@ from flwr.app import ArrayRecord
 
 from flair_fl.data.eval_split import EvalImages, load_eval_split
 from flair_fl.data.source import FederatedData
-from flair_fl.metrics import MetricState
+from flair_fl.learning.local_training import evaluate
+from flair_fl.learning.metrics import MetricState
 from flair_fl.models.params import load_trainable
-from flair_fl.training import evaluate
 
 log = logging.getLogger(__name__)
 OVERLAP = ("auto", "true", "false")

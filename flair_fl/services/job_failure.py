@@ -21,10 +21,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from flair_fl.config_checks import ConfigError
-from flair_fl.durable import OutputWriteError
+from flair_fl.artifacts.durable import OutputWriteError
 from flair_fl.errors import NoRoundTrained, TrainingDiverged
-from flair_fl.stopping import RunStopped
+from flair_fl.modes.config_checks import ConfigError
+from flair_fl.services.stopping import RunStopped
 
 FAILED_JOB_SCORE = float("-inf")
 ERROR_FILE = "error.txt"

@@ -18,8 +18,7 @@ import torch
 from flwr.app import ArrayRecord
 from omegaconf import DictConfig, OmegaConf
 
-from flair_fl import stopping
-from flair_fl.checkpoint import (
+from flair_fl.artifacts.checkpoint import (
     CHECKPOINT_NAME,
     differing_keys,
     load_checkpoint,
@@ -27,19 +26,10 @@ from flair_fl.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from flair_fl.config_checks import ConfigError, validate_run_config
+from flair_fl.artifacts.durable import write_atomically
+from flair_fl.artifacts.run_dir import report_finished
 from flair_fl.data.source import FederatedData, check_label
-from flair_fl.driver import (
-    RoundTracker,
-    build,
-    build_loggers,
-    central_evaluator,
-    device_for,
-    make_model,
-)
-from flair_fl.durable import write_atomically
 from flair_fl.errors import NoRoundTrained, TrainingDiverged
-from flair_fl.evaluator import overlap_enabled
 from flair_fl.federated.adaptive_mu import AdaptiveMu
 from flair_fl.federated.client_app import (
     EXAMPLES_WEIGHT_KEY,
@@ -58,11 +48,21 @@ from flair_fl.federated.schedule import ScheduledServerLR, ServerLRSchedule
 from flair_fl.federated.server_app import LoopOutcome, RoundPlan, make_server_app
 from flair_fl.federated.simulation import run_simulation
 from flair_fl.federated.transport import make_transport
-from flair_fl.job_resources import sized_init_args
+from flair_fl.learning.evaluator import overlap_enabled
+from flair_fl.learning.local_training import LocalTraining
 from flair_fl.models.params import trainable_state
+from flair_fl.modes.config_checks import ConfigError, validate_run_config
+from flair_fl.modes.driver import (
+    RoundTracker,
+    build,
+    build_loggers,
+    central_evaluator,
+    device_for,
+    make_model,
+)
 from flair_fl.privacy import Privacy, PrivacyContext
-from flair_fl.run_dir import report_finished
-from flair_fl.training import LocalTraining
+from flair_fl.services import stopping
+from flair_fl.services.job_resources import sized_init_args
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Training math shared by every mode: local training steps, FLAIR metrics, central evaluation."""

@@ -1,0 +1,2 @@
+"""Process-level services of a run: stop signals, child processes, memory, job resources,
+log format."""
