@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -27,25 +26,34 @@ from flair_fl.data.eval_split import EvalImages
 from flair_fl.data.hdf5 import FlairReader, LabelSet
 from flair_fl.data.source import open_reader
 from flair_fl.federated import faults
-from flair_fl.federated.sampling import derive_seed
-from flair_fl.federated.transport import (
+from flair_fl.federated.protocol import (
+    ARRAYS_KEY,
+    COHORT_INDEX_KEY,
+    CONFIG_KEY,
+    EXAMPLES_WEIGHT_KEY,
     LAYOUT_KEY,
+    META_KEY,
+    METRICS_KEY,
+    NUM_STEPS_KEY,
+    PROXIMAL_MU_KEY,
     REPLY_DIR_KEY,
     REPLY_PATH_KEY,
+    SERVER_ROUND_KEY,
+    SPLIT_KEY,
+    TRAIN_LOSS_KEY,
+    UNIFORM_WEIGHT_KEY,
+    USER_ID_KEY,
+    USER_REPEAT_KEY,
     WEIGHTS_PATH_KEY,
     Layout,
-    map_flat,
-    write_flat,
+    metric_state_to_record,
 )
+from flair_fl.federated.sampling import derive_seed
+from flair_fl.federated.transport import map_flat, write_flat
 from flair_fl.federated.user_state import UserStateStore, scaffold_update, split_control
 from flair_fl.learning.local_training import LocalTraining, evaluate, train_local
-from flair_fl.learning.metrics import MetricState
 from flair_fl.models.params import load_trainable, trainable_state
 from flair_fl.services.memory import peak_rss_mb
-
-ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, META_KEY = "arrays", "config", "metrics", "meta"
-UNIFORM_WEIGHT_KEY = "uniform-weight"  # always 1: per-user (unweighted) averaging
-EXAMPLES_WEIGHT_KEY = "num-examples"
 
 
 @dataclass(frozen=True)
@@ -152,11 +160,16 @@ def _reply_arrays(
     """The update as an ArrayRecord (message transport) or a file (shared transport)."""
     if REPLY_DIR_KEY not in config:
         return RecordDict({ARRAYS_KEY: ArrayRecord(arrays)})
-    name = f"c{meta['cohort-index']}-{uuid.uuid4().hex[:8]}.f32"
+    name = f"c{meta[COHORT_INDEX_KEY]}-{uuid.uuid4().hex[:8]}.f32"
     path = Path(str(config[REPLY_DIR_KEY])) / name
     layout = write_flat(path, arrays)
     meta.update({REPLY_PATH_KEY: str(path), LAYOUT_KEY: layout.to_json()})
     return RecordDict()
+
+
+def _reply_meta(config: ConfigRecord, user_id: str) -> dict[str, Any]:
+    """Who the reply is from: the user and its place in the cohort."""
+    return {USER_ID_KEY: user_id, COHORT_INDEX_KEY: int(str(config[COHORT_INDEX_KEY]))}
 
 
 def _resource_metrics(runtime: _Runtime) -> dict[str, float]:
@@ -173,7 +186,7 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
     if runtime.idle_release:
         runtime.idle_release.job_started()
     config = msg.content.config_records[CONFIG_KEY]
-    user_id, server_round = str(config["user-id"]), int(str(config["server-round"]))
+    user_id, server_round = str(config[USER_ID_KEY]), int(str(config[SERVER_ROUND_KEY]))
     fault = spec.faults.draw(server_round, user_id)
     faults.before_training(spec.faults, fault, user_id, server_round)
     started = time.perf_counter()
@@ -181,13 +194,13 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
     loaded = time.perf_counter()
     before = trainable_state(runtime.model) if control else {}  # SCAFFOLD only
     seed = derive_seed(spec.seed, "client", server_round, user_id)
-    if repeat := int(str(config.get("user-repeat", 0))):  # drawn again (with replacement)
+    if repeat := int(str(config.get(USER_REPEAT_KEY, 0))):  # drawn again (with replacement)
         seed = derive_seed(spec.seed, "client", server_round, user_id, repeat)
     dataset = train_images(spec, runtime.reader, user_id, seed, runtime.device)
     torch.manual_seed(seed)  # anything else drawing from torch's global RNG
     generator = torch.Generator().manual_seed(seed)
     settings = spec.training
-    mu = float(str(config.get("proximal-mu", settings.proximal_mu)))
+    mu = float(str(config.get(PROXIMAL_MU_KEY, settings.proximal_mu)))
     if mu != settings.proximal_mu:
         settings = LocalTraining(**{**settings.__dict__, "proximal_mu": mu})
     store = user_control = None
@@ -231,15 +244,15 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
         with torch.no_grad():
             for tensor in reply.values():
                 tensor.fill_(float("nan"))
-    meta: dict[str, Any] = {"user-id": user_id, "cohort-index": int(str(config["cohort-index"]))}
+    meta = _reply_meta(config, user_id)
     content = _reply_arrays(config, reply, meta)
     content[META_KEY] = ConfigRecord(meta)
     content[METRICS_KEY] = MetricRecord(
         {
-            "train-loss": stats["train_loss"],
+            TRAIN_LOSS_KEY: stats["train_loss"],
             EXAMPLES_WEIGHT_KEY: int(stats["num_examples"]),
             UNIFORM_WEIGHT_KEY: 1,
-            "num-steps": int(stats["num_steps"]),
+            NUM_STEPS_KEY: int(stats["num_steps"]),
             "time-load": loaded - started,
             "time-compute": trained - loaded,
             "time-reply": time.perf_counter() - trained,
@@ -274,7 +287,7 @@ def client_evaluate(spec: ClientSpec, msg: Message) -> Message:
     if runtime.idle_release:
         runtime.idle_release.job_started()
     config = msg.content.config_records[CONFIG_KEY]
-    user_id, split = str(config["user-id"]), str(config.get("split", "val"))
+    user_id, split = str(config[USER_ID_KEY]), str(config.get(SPLIT_KEY, "val"))
     _load_global(runtime, msg)
     data = runtime.reader.read_user(split, user_id, spec.label_set)
     images = EvalImages.from_user(data, spec.input_size, runtime.device, spec.label_index)
@@ -291,51 +304,10 @@ def client_evaluate(spec: ClientSpec, msg: Message) -> Message:
     content = RecordDict(
         {
             METRICS_KEY: metric_state_to_record(state),
-            META_KEY: ConfigRecord(
-                {"user-id": user_id, "cohort-index": int(str(config["cohort-index"]))}
-            ),
+            META_KEY: ConfigRecord(_reply_meta(config, user_id)),
         }
     )
     return Message(content=content, reply_to=msg)
-
-
-def metric_state_to_record(state: MetricState) -> MetricRecord:
-    """Flatten summable metric statistics into a MetricRecord (int lists)."""
-    return MetricRecord(
-        {
-            "tp": state.tp.ravel().tolist(),
-            "fp": state.fp.ravel().tolist(),
-            "fn": state.fn.ravel().tolist(),
-            "tp-half": state.tp_half.tolist(),
-            "fp-half": state.fp_half.tolist(),
-            "fn-half": state.fn_half.tolist(),
-            "loss-sum": state.loss_sum,
-            "num-images": state.num_images,
-            EXAMPLES_WEIGHT_KEY: state.num_images,
-            UNIFORM_WEIGHT_KEY: 1,
-        }
-    )
-
-
-def metric_state_from_record(record: MetricRecord, num_labels: int) -> MetricState:
-    """Inverse of `metric_state_to_record`."""
-
-    def grid(key: str) -> np.ndarray:
-        return np.asarray(record[key], dtype=np.int64).reshape(-1, num_labels)
-
-    def row(key: str) -> np.ndarray:
-        return np.asarray(record[key], dtype=np.int64)
-
-    return MetricState(
-        grid("tp"),
-        grid("fp"),
-        grid("fn"),
-        row("tp-half"),
-        row("fp-half"),
-        row("fn-half"),
-        float(np.asarray(record["loss-sum"])),
-        int(np.asarray(record["num-images"])),
-    )
 
 
 def make_client_app(spec: ClientSpec) -> ClientApp:

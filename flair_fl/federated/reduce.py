@@ -27,8 +27,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from flair_fl.federated.client_app import ARRAYS_KEY, METRICS_KEY
-from flair_fl.federated.transport import Layout
+from flair_fl.federated.protocol import ARRAYS_KEY, METRICS_KEY, Layout
 
 REPLIES_KEY = "replies"  # in the merged reply's metrics: how many replies it stands for
 

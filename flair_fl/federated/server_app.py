@@ -29,7 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from flair_fl.federated.client_app import ARRAYS_KEY, CONFIG_KEY, META_KEY, METRICS_KEY
+from flair_fl.federated.protocol import ARRAYS_KEY, CONFIG_KEY, META_KEY, METRICS_KEY
 from flair_fl.federated.reduce import MeanReduction, MetricsReduction, Reduction
 from flair_fl.federated.sampling import Sampler, repeat_indices
 from flair_fl.federated.transport import MessageTransport

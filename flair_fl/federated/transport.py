@@ -21,83 +21,35 @@ machine (a directory naming another host, on a shared `shared_dir`, is left alon
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
+from flair_fl.federated.protocol import (
+    LAYOUT_KEY,
+    META_KEY,
+    REPLY_DIR_KEY,
+    REPLY_PATH_KEY,
+    WEIGHTS_PATH_KEY,
+    Layout,
+    flatten_record,
+)
 from flair_fl.services import stopping
 from flair_fl.services.processes import pid_alive, this_host
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_PATH_KEY, LAYOUT_KEY, REPLY_DIR_KEY = "weights-path", "weights-layout", "reply-dir"
-REPLY_PATH_KEY = "update-path"
 TRANSPORTS = ("shared", "message")
 DIR_PREFIX, HOST_FILE = "flair_fl-", "host"
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Names and shapes of float32 arrays laid end to end in one flat vector."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-
-    @property
-    def sizes(self) -> list[int]:
-        return [int(np.prod(shape)) for shape in self.shapes]
-
-    @property
-    def size(self) -> int:
-        return sum(self.sizes)
-
-    @classmethod
-    def of(cls, arrays: Mapping[str, Any]) -> Layout:
-        """Layout of named arrays (numpy arrays, tensors or Flower Arrays)."""
-        return cls(tuple(arrays), tuple(tuple(int(d) for d in a.shape) for a in arrays.values()))
-
-    def to_json(self) -> str:
-        return json.dumps([self.names, self.shapes])
-
-    @classmethod
-    def from_json(cls, text: str) -> Layout:
-        names, shapes = json.loads(text)
-        return cls(tuple(names), tuple(tuple(s) for s in shapes))
-
-    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        """The named arrays as views into `flat` (no copy)."""
-        if flat.size != self.size:
-            raise ValueError(f"flat vector has {flat.size} values, layout needs {self.size}")
-        out, start = {}, 0
-        for name, shape, size in zip(self.names, self.shapes, self.sizes, strict=True):
-            out[name] = flat[start : start + size].reshape(shape)
-            start += size
-        return out
-
-    def to_record(self, flat: np.ndarray) -> ArrayRecord:
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in self.views(flat).items()})
-
-
-def flatten_record(record: ArrayRecord) -> tuple[Layout, np.ndarray]:
-    """One float32 vector holding a record's arrays (the message transport's decode)."""
-    layout = Layout.of(record)
-    flat = np.empty(layout.size, dtype=np.float32)
-    start = 0
-    for array, size in zip(record.values(), layout.sizes, strict=True):
-        flat[start : start + size] = array.numpy().ravel()
-        start += size
-    return layout, flat
 
 
 def write_flat(path: Path, arrays: Mapping[str, torch.Tensor | np.ndarray]) -> Layout:
@@ -261,8 +213,6 @@ def _require_one_node() -> None:
 
 
 def _meta(reply: Message) -> ConfigRecord:
-    from flair_fl.federated.client_app import META_KEY  # avoid an import cycle
-
     return reply.content.config_records[META_KEY]
 
 

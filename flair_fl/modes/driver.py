@@ -27,7 +27,7 @@ from flair_fl.artifacts.durable import write_atomically
 from flair_fl.artifacts.run_dir import RESULTS_NAME
 from flair_fl.data.raw import FlairFormatError
 from flair_fl.federated.adaptive_mu import AdaptiveMu
-from flair_fl.federated.client_app import METRICS_KEY, metric_state_from_record
+from flair_fl.federated.protocol import METRICS_KEY, metric_state_from_record
 from flair_fl.federated.server_app import LoopOutcome
 from flair_fl.learning.evaluator import CentralEvaluator
 from flair_fl.learning.metrics import MetricState

@@ -31,13 +31,9 @@ from flair_fl.artifacts.run_dir import report_finished
 from flair_fl.data.source import FederatedData, check_label
 from flair_fl.errors import NoRoundTrained, TrainingDiverged
 from flair_fl.federated.adaptive_mu import AdaptiveMu
-from flair_fl.federated.client_app import (
-    EXAMPLES_WEIGHT_KEY,
-    UNIFORM_WEIGHT_KEY,
-    ClientSpec,
-    make_client_app,
-)
+from flair_fl.federated.client_app import ClientSpec, make_client_app
 from flair_fl.federated.faults import FaultSpec
+from flair_fl.federated.protocol import EXAMPLES_WEIGHT_KEY, UNIFORM_WEIGHT_KEY
 from flair_fl.federated.sampling import (
     CohortSampler,
     Sampler,

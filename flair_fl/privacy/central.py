@@ -23,6 +23,7 @@ from typing import Any
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
+from flair_fl.federated.protocol import UNIFORM_WEIGHT_KEY
 from flair_fl.modes.config_checks import ConfigError
 from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.accounting import (
@@ -42,7 +43,6 @@ from flair_fl.privacy.dp_strategy import (
 )
 
 log = logging.getLogger(__name__)
-UNIFORM_WEIGHT_KEY = "uniform-weight"  # flair_fl.federated.client_app's per-user weight
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from flair_fl.federated.protocol import flatten_record
 from flair_fl.federated.reduce import REPLIES_KEY, ClipReduction, MetricsReduction, merged_reply
 from flair_fl.federated.sampling import derive_seed
-from flair_fl.federated.transport import flatten_record
 from flair_fl.federated.wrapper import DelegatingStrategy
 from flair_fl.privacy.clipping import QuantileClipNorm
 

@@ -14,7 +14,7 @@ from flwr.app import Message
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from flair_fl.federated.client_app import EXAMPLES_WEIGHT_KEY, META_KEY
+from flair_fl.federated.protocol import EXAMPLES_WEIGHT_KEY, META_KEY
 from flair_fl.federated.wrapper import DelegatingStrategy
 from flair_fl.modes.config_checks import ConfigError
 from flair_fl.privacy import PrivacyContext
