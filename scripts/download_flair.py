@@ -22,8 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flair_fl.data.download import DownloadError, RetryPolicy
-from flair_fl.data.raw import FlairFormatError
+from flair_fl.data.download import RetryPolicy
 from flair_fl.data.release import (
     APPLE_BASE_URL,
     HF_ENDPOINT,
@@ -32,6 +31,7 @@ from flair_fl.data.release import (
     download_flair,
     download_hub_parquet,
 )
+from flair_fl.errors import DownloadError, FlairFormatError
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

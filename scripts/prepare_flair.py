@@ -29,7 +29,7 @@ from typing import TextIO
 from flair_fl.artifacts.durable import NO_SPACE
 from flair_fl.data.hdf5 import FlairHDF5
 from flair_fl.data.prepare import LAYOUTS, STORES, prepare_flair, prepare_parquet, write_failure
-from flair_fl.data.raw import FlairFormatError
+from flair_fl.errors import FlairFormatError
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

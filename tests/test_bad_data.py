@@ -18,9 +18,10 @@ import pytest
 
 from flair_fl.data.hdf5 import FlairHDF5
 from flair_fl.data.prepare import NUM_IMAGES_INDEX, Layout, prepare_flair
-from flair_fl.data.raw import IMAGE_DIR, METADATA_FILE, FlairFormatError
+from flair_fl.data.raw import IMAGE_DIR, METADATA_FILE
 from flair_fl.data.source import open_reader
 from flair_fl.data.synthetic import SyntheticSpec, generate_synthetic_flair
+from flair_fl.errors import FlairFormatError
 
 
 @pytest.fixture(scope="module")

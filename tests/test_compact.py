@@ -17,7 +17,8 @@ from flair_fl.data.datasets import UserDataset, build_transform
 from flair_fl.data.decode import decode_image, decode_stored_jpegs
 from flair_fl.data.hdf5 import FlairHDF5
 from flair_fl.data.prepare import Layout, prepare_flair
-from flair_fl.data.raw import IMAGE_DIR, FlairFormatError
+from flair_fl.data.raw import IMAGE_DIR
+from flair_fl.errors import FlairFormatError
 from tests.h5_contents import hdf5_contents
 
 REPO = Path(__file__).resolve().parents[1]

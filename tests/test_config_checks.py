@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from flair_fl.errors import ConfigError
 from flair_fl.modes.config_checks import (
     BOUNDS,
     CONF_DIR,
-    ConfigError,
     check_config,
     config_problems,
     device_problems,

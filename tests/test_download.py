@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from flair_fl.data import download as download_module
-from flair_fl.data.archive import UnsafeArchiveError
-from flair_fl.data.download import DownloadError, RetryPolicy
+from flair_fl.data.download import RetryPolicy
 from flair_fl.data.prepare import prepare_flair
 from flair_fl.data.raw import IMAGE_DIR, METADATA_FILE, RELATIONSHIP_FILE
 from flair_fl.data.release import (
@@ -26,6 +25,7 @@ from flair_fl.data.release import (
     RAW_WARNING,
     download_flair,
 )
+from flair_fl.errors import DownloadError, UnsafeArchiveError
 from tests.h5_contents import hdf5_contents
 from tests.loopback import LoopbackServer
 

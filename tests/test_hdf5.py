@@ -27,8 +27,9 @@ from flair_fl.data.datasets import (
 from flair_fl.data.hdf5 import FlairHDF5, UserData
 from flair_fl.data.labels import COARSE_LABELS
 from flair_fl.data.prepare import NUM_IMAGES_INDEX, Layout, prepare_flair
-from flair_fl.data.raw import IMAGE_DIR, METADATA_FILE, FlairFormatError
+from flair_fl.data.raw import IMAGE_DIR, METADATA_FILE
 from flair_fl.data.synthetic import SyntheticSpec, generate_synthetic_flair
+from flair_fl.errors import FlairFormatError
 
 LAYOUTS: tuple[Layout, ...] = ("pfl", "mlflair", "central")
 

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from flair_fl.data.archive import ExtractLimits, UnsafeArchiveError
-from flair_fl.data.download import DownloadError, RemoteFile, fetch_all
+from flair_fl.data.archive import ExtractLimits
+from flair_fl.data.download import RemoteFile, fetch_all
 from flair_fl.data.raw import IMAGE_DIR, METADATA_FILE
 from flair_fl.data.release import download_flair, download_hub_parquet
+from flair_fl.errors import DownloadError, UnsafeArchiveError
 from tests.loopback import LoopbackServer
 from tests.test_download import (  # noqa: F401  (fixtures)
     FAST,

@@ -16,11 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flair_fl.data.download import DownloadError, RetryPolicy
+from flair_fl.data.download import RetryPolicy
 from flair_fl.data.hdf5 import FlairHDF5
 from flair_fl.data.prepare import Layout, Store, prepare_flair, prepare_parquet
-from flair_fl.data.raw import IMAGE_DIR, METADATA_FILE, FlairFormatError
+from flair_fl.data.raw import IMAGE_DIR, METADATA_FILE
 from flair_fl.data.release import download_hub_parquet
+from flair_fl.errors import DownloadError, FlairFormatError
 from tests.h5_contents import hdf5_contents
 from tests.loopback import LoopbackServer
 

@@ -14,8 +14,8 @@ from hydra.utils import instantiate
 
 from flair_fl.data.hdf5 import FlairHDF5
 from flair_fl.data.partition import IidPartition
-from flair_fl.data.raw import FlairFormatError
 from flair_fl.data.source import open_reader
+from flair_fl.errors import FlairFormatError
 from flair_fl.modes.federated import run_experiment
 from tests.helpers import compose_config
 

@@ -21,7 +21,8 @@ from PIL import Image
 from flair_fl.artifacts.summarize import find_jobs
 from flair_fl.data.hdf5 import FlairHDF5
 from flair_fl.data.prepare import prepare_flair, prepare_parquet
-from flair_fl.data.raw import IMAGE_DIR, METADATA_FILE, FlairFormatError
+from flair_fl.data.raw import IMAGE_DIR, METADATA_FILE
+from flair_fl.errors import FlairFormatError
 from tests.test_parquet import write_hf_parquet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,7 +221,7 @@ def test_a_shared_dir_too_small_for_one_model_is_one_line_naming_the_fix(
     # Prepare: in a child whose files may not exceed 1 MB, a 45 MB model (ResNet18-sized)
     script = f"""
 import resource, signal
-from flair_fl.modes.config_checks import ConfigError
+from flair_fl.errors import ConfigError
 from flair_fl.federated.transport import SharedTransport
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))

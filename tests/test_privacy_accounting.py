@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from flair_fl.modes.config_checks import ConfigError
+from flair_fl.errors import ConfigError
 from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.accounting import (
     EpsilonCurve,

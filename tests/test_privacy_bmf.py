@@ -12,8 +12,8 @@ import torch
 from flwr.serverapp.strategy import FedAvg
 from hydra.utils import instantiate
 
+from flair_fl.errors import ConfigError
 from flair_fl.federated.sampling import MinSeparationSampler
-from flair_fl.modes.config_checks import ConfigError
 from flair_fl.modes.federated import run_experiment
 from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.accounting import EpsilonCurve, noise_multiplier_for
@@ -212,7 +212,7 @@ def test_dp_bmf_run_samples_min_separated_cohorts_and_records_the_mechanism(
 
 
 def test_min_separation_is_a_sampler_config_node_and_dp_bmf_refuses_with_replacement() -> None:
-    from flair_fl.modes.config_checks import ConfigError as Refused
+    from flair_fl.errors import ConfigError as Refused
     from flair_fl.modes.federated import _sampler
 
     cfg = compose_config(["sampler=min_separation", "sampler.min_separation=4", "cohort_size=2"])

@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from flair_fl.modes.config_checks import ConfigError
+from flair_fl.errors import ConfigError
 from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.central import AdaptiveClipping, CentralDP
 from flair_fl.privacy.clipping import QuantileClipNorm

@@ -11,10 +11,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from torchvision.models import resnet18
 
+from flair_fl.errors import ConfigError
 from flair_fl.learning.local_training import LocalTraining
 from flair_fl.models.resnet import FrozenBatchNorm2d, resnet18_groupnorm
 from flair_fl.models.small_cnn import small_cnn
-from flair_fl.modes.config_checks import ConfigError
 from flair_fl.privacy.dp_sgd import DPSGDSettings, train_local_dp_sgd
 from flair_fl.privacy.local import LocalDPSGD
 from flair_fl.privacy.opacus_models import opacus_ready_copy, require_dp_sgd_compatible

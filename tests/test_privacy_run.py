@@ -10,7 +10,7 @@ import pytest
 from hydra.utils import instantiate
 from opacus.accountants import RDPAccountant
 
-from flair_fl.modes.config_checks import ConfigError
+from flair_fl.errors import ConfigError
 from flair_fl.modes.federated import run_experiment
 from flair_fl.privacy import PrivacyContext
 from tests.helpers import compose_config

@@ -11,14 +11,9 @@ import pytest
 from PIL import Image
 
 from flair_fl.data.prepare import prepare_flair
-from flair_fl.data.raw import (
-    IMAGE_DIR,
-    METADATA_FILE,
-    RELATIONSHIP_FILE,
-    FlairFormatError,
-    load_raw_flair,
-)
+from flair_fl.data.raw import IMAGE_DIR, METADATA_FILE, RELATIONSHIP_FILE, load_raw_flair
 from flair_fl.data.synthetic import SyntheticSpec, generate_synthetic_flair
+from flair_fl.errors import FlairFormatError
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from flair_fl.artifacts.checkpoint import (
     differing_keys,
     load_checkpoint,
 )
+from flair_fl.errors import ConfigError
 from flair_fl.federated.server_app import is_measurement
-from flair_fl.modes.config_checks import ConfigError
 from flair_fl.modes.federated import run_experiment
 from tests.helpers import compose_config
 from tests.test_adaptive_mu import pfl_mu_sequence

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from flair_fl.artifacts.run_dir import LOCK_NAME, RunDirBusy, run_dir_lock
+from flair_fl.artifacts.run_dir import LOCK_NAME, run_dir_lock
+from flair_fl.errors import RunDirBusy
 from flair_fl.services.processes import this_host
 from tests.conftest import CACHE_DIR
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from flair_fl.errors import ConfigError
 from flair_fl.loggers import (
     LoggerErrors,
     SafeLogger,
@@ -15,7 +16,6 @@ from flair_fl.loggers import (
     start_logger,
 )
 from flair_fl.loggers.files import FileLogger
-from flair_fl.modes.config_checks import ConfigError
 from flair_fl.modes.driver import build_loggers
 from tests.failing import BrokenLogger
 from tests.helpers import compose_config

@@ -17,8 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from flair_fl.errors import ConfigError
 from flair_fl.loggers import SafeLogger, open_loggers
-from flair_fl.modes.config_checks import ConfigError
 from flair_fl.services.job_failure import FAILED_JOB_SCORE, job_failed
 from tests.wandb_records import offline_runs, read_offline_run
 

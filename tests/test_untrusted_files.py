@@ -26,10 +26,10 @@ from flair_fl.artifacts.checkpoint import (
 )
 from flair_fl.artifacts.resume import _compose, _group_options
 from flair_fl.artifacts.resume_overrides import merge_resume_overrides
+from flair_fl.errors import ConfigError
 from flair_fl.federated.strategies import Scaffold, ServerOptimizer
 from flair_fl.federated.user_state import UserStateStore, state_file_name
 from flair_fl.models.resnet import resnet18_pretrained
-from flair_fl.modes.config_checks import ConfigError
 from tests.helpers import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,8 +23,8 @@ import torch
 
 from flair_fl.artifacts.durable import write_atomically
 from flair_fl.artifacts.safe_load import from_plain, load_plain, to_plain
+from flair_fl.errors import ConfigError
 from flair_fl.federated.strategies import Scaffold, ServerOptimizer
-from flair_fl.modes.config_checks import ConfigError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # Keys that may differ between a run and its resumption (they do not change results).

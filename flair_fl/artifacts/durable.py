@@ -15,12 +15,10 @@ import errno
 import os
 from pathlib import Path
 
+from flair_fl.errors import OutputWriteError
+
 # Out of space, over a quota, or over the file size limit (RLIMIT_FSIZE): "the disk is full".
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
-class OutputWriteError(OSError):
-    """An output file could not be written; its previous content is kept."""
 
 
 def write_error(path: Path, err: OSError) -> OutputWriteError:

@@ -20,7 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from flair_fl.artifacts.resume_overrides import merge_resume_overrides
-from flair_fl.modes.config_checks import ConfigError
+from flair_fl.errors import ConfigError
 
 
 def _saved_overrides(path: Path) -> list[str]:

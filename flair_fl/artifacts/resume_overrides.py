@@ -30,7 +30,7 @@ from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from flair_fl.modes.config_checks import ConfigError
+from flair_fl.errors import ConfigError
 
 SPECIAL_KEY = re.compile(r"^_.*_$")  # Hydra/OmegaConf reserve `_name_` keys
 NOT_FROM_RUN_DIR = ("simulation.address", "simulation.backend")

@@ -23,17 +23,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flair_fl.modes.config_checks import ConfigError
+from flair_fl.errors import ConfigError, RunDirBusy
 from flair_fl.services.processes import pid_alive, this_host
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "run.lock"
 # Written last, when everything else of a run is: its presence means the run is finished.
 RESULTS_NAME = "results.json"
-
-
-class RunDirBusy(ConfigError):
-    """Another run holds the run directory's lock."""
 
 
 def _describe(holder: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from flair_fl.modes.config_checks import ConfigError
+from flair_fl.errors import ConfigError
 
 # Tags of values stored as tensors: a one-key dict {tag: payload}.
 NUMPY_TAG, RECORD_TAG = "__flair_fl_numpy__", "__flair_fl_array_record__"

@@ -27,13 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from flair_fl.data.download import BLOCK, DownloadError
+from flair_fl.data.download import BLOCK
+from flair_fl.errors import DownloadError, UnsafeArchiveError
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
-class UnsafeArchiveError(DownloadError):
-    """An archive member would escape its directory, replace a file, or exceed the caps."""
 
 
 @dataclass(frozen=True)

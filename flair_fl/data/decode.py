@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from flair_fl.data.raw import FlairFormatError
+from flair_fl.errors import FlairFormatError
 
 if TYPE_CHECKING:  # torch is imported where decoding happens: preparation's CLIs start faster
     import torch

@@ -28,21 +28,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from flair_fl.errors import DiskFullError, DownloadError
+
 log = logging.getLogger(__name__)
 BLOCK = 1 << 20
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-
-
-class DownloadError(RuntimeError):
-    """A file could not be downloaded or failed its checks."""
-
-
-class DiskFullError(DownloadError):
-    """A download could not be written: the disk (or quota, or file size limit) is full."""
-
-    def __init__(self, path: Path, err: OSError):
-        super().__init__(f"{path}: could not be written ({err.strerror or err})")
-        self.path = path
 
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

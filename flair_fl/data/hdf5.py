@@ -31,7 +31,6 @@ import numpy as np
 
 from flair_fl.data.decode import StoredImages
 from flair_fl.data.labels import SPLITS, label_mapping
-from flair_fl.data.raw import FlairFormatError
 from flair_fl.data.targets import (
     LabelSet,
     check_label_indices,
@@ -41,6 +40,7 @@ from flair_fl.data.targets import (
     targets_from_strings,
 )
 from flair_fl.data.writer import CRC_DATASET, NUM_IMAGES_INDEX
+from flair_fl.errors import FlairFormatError
 
 log = logging.getLogger(__name__)
 _HANDLES: dict[tuple[str, int], h5py.File] = {}

@@ -19,8 +19,9 @@ from typing import Any
 
 from flair_fl.data.decode import BlockJob, ImageSource
 from flair_fl.data.labels import COARSE_LABELS, SPLITS, label_mapping
-from flair_fl.data.raw import FlairFormatError, ImageRecord, check_name, check_user_partitions
+from flair_fl.data.raw import ImageRecord, check_name, check_user_partitions
 from flair_fl.data.writer import Catalog
+from flair_fl.errors import FlairFormatError
 
 LABEL_COLUMNS = ("user_id", "image_id", "labels", "partition", "fine_grained_labels")
 IMAGE_COLUMN = "image"

@@ -16,8 +16,8 @@ import numpy as np
 
 from flair_fl.data.decode import StoredImages
 from flair_fl.data.hdf5 import FlairHDF5, StoredUser, UserData
-from flair_fl.data.raw import FlairFormatError
 from flair_fl.data.targets import LabelSet
+from flair_fl.errors import FlairFormatError
 
 IID_PREFIX = "iid-"
 

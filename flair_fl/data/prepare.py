@@ -18,10 +18,10 @@ from pathlib import Path
 import h5py
 from tqdm import tqdm
 
-from flair_fl.artifacts.durable import NO_SPACE, OutputWriteError
+from flair_fl.artifacts.durable import NO_SPACE
 from flair_fl.data.decode import BlockJob, ImageSource, load_block, ordered_map
 from flair_fl.data.parquet import load_parquet_flair, parquet_files
-from flair_fl.data.raw import FlairFormatError, RawFlair, load_raw_flair
+from flair_fl.data.raw import RawFlair, load_raw_flair
 from flair_fl.data.writer import (
     LAYOUTS,
     NUM_IMAGES_INDEX,
@@ -32,6 +32,7 @@ from flair_fl.data.writer import (
     Store,
     check_layout_and_store,
 )
+from flair_fl.errors import FlairFormatError, OutputWriteError
 
 __all__ = [
     "LAYOUTS",

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from flair_fl.data.labels import SPLITS, label_mapping
+from flair_fl.errors import FlairFormatError
 
 METADATA_FILE = "labels_and_metadata.json"
 RELATIONSHIP_FILE = "label_relationship.txt"
@@ -29,10 +30,6 @@ HOW_TO_GET = (
     "Get the real data with `python scripts/download_flair.py --dataset-dir DIR`, or make a "
     "synthetic stand-in with `python scripts/make_synthetic.py --out DIR`."
 )
-
-
-class FlairFormatError(ValueError):
-    """The raw FLAIR data (or a file derived from it) is missing or malformed."""
 
 
 @dataclass(frozen=True)

@@ -31,14 +31,9 @@ from typing import Any
 from urllib.parse import quote, urljoin
 
 from flair_fl.data.archive import ExtractLimits, safe_extract
-from flair_fl.data.download import (
-    RETRY_STATUS,
-    DownloadError,
-    RemoteFile,
-    RetryPolicy,
-    fetch_all,
-)
+from flair_fl.data.download import RETRY_STATUS, RemoteFile, RetryPolicy, fetch_all
 from flair_fl.data.raw import IMAGE_DIR, load_raw_flair
+from flair_fl.errors import DownloadError
 
 log = logging.getLogger(__name__)
 APPLE_BASE_URL = "https://docs-assets.developer.apple.com/ml-research/datasets/flair/"

@@ -17,9 +17,8 @@ from typing import Any
 from flair_fl.data.hdf5 import FlairHDF5, FlairReader, LabelSet
 from flair_fl.data.partition import IidPartition
 from flair_fl.data.prepare import prepare_flair
-from flair_fl.data.raw import FlairFormatError
 from flair_fl.data.synthetic import SyntheticSpec, generate_synthetic_flair, is_complete
-from flair_fl.modes.config_checks import ConfigError
+from flair_fl.errors import ConfigError, FlairFormatError
 
 log = logging.getLogger(__name__)
 HDF5_NAME = "flair.hdf5"

@@ -7,7 +7,7 @@ from typing import Literal
 import numpy as np
 
 from flair_fl.data.labels import LABEL_DELIMITER
-from flair_fl.data.raw import FlairFormatError
+from flair_fl.errors import FlairFormatError
 
 LabelSet = Literal["coarse", "fine"]
 

@@ -32,7 +32,8 @@ import numpy as np
 
 from flair_fl.data.decode import Block
 from flair_fl.data.labels import LABEL_DELIMITER, SPLITS, mapping_to_json
-from flair_fl.data.raw import FlairFormatError, ImageRecord
+from flair_fl.data.raw import ImageRecord
+from flair_fl.errors import FlairFormatError
 
 Layout = Literal["pfl", "mlflair", "central"]
 LAYOUTS: tuple[str, ...] = ("pfl", "mlflair", "central")

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flair_fl.data.raw import FlairFormatError
+from flair_fl.errors import FlairFormatError
 from flair_fl.explore.pipeline import explore
 from flair_fl.explore.stats import ALL_SPLITS
 

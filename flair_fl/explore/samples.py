@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flair_fl.data.raw import FlairFormatError
+from flair_fl.errors import FlairFormatError
 from flair_fl.explore.sources import ImageLabels, LabelSource
 from flair_fl.explore.stats import UserTable
 

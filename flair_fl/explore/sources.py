@@ -13,7 +13,8 @@ from typing import Protocol
 import numpy as np
 
 from flair_fl.data.hdf5 import FlairHDF5
-from flair_fl.data.raw import FlairFormatError, load_label_relationship, load_raw_flair
+from flair_fl.data.raw import load_label_relationship, load_raw_flair
+from flair_fl.errors import FlairFormatError
 
 
 @dataclass(frozen=True)

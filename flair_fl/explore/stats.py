@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from flair_fl.data.raw import FlairFormatError
+from flair_fl.errors import FlairFormatError
 from flair_fl.explore.sources import ImageLabels, LabelSource
 
 ALL_SPLITS = "all"

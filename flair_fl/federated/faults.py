@@ -18,13 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flair_fl.errors import InjectedFault
 from flair_fl.federated.sampling import derive_seed
 
 KINDS = ("raise", "hang", "die", "nan")
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the `raise` fault."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
+from flair_fl.errors import ClientActorDied, ClientStopped, ClientTimeout
 from flair_fl.federated import ray_node
 from flair_fl.federated.server_app import LoopOutcome
 from flair_fl.services import stopping
@@ -41,18 +42,6 @@ class _DropDeprecation(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "DEPRECATED FEATURE" not in record.getMessage() and not stopping.requested()
-
-
-class ClientTimeout(RuntimeError):
-    """A client ran past simulation.client_timeout; its actor was killed and replaced."""
-
-
-class ClientActorDied(RuntimeError):
-    """A client's actor process died (killed, out of memory); it was replaced."""
-
-
-class ClientStopped(RuntimeError):
-    """The run is stopping: the client's actor was killed, its reply is not waited for."""
 
 
 # Read by the patched pool; set per run. A new actor's first client also pays the actor's

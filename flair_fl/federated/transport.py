@@ -163,7 +163,7 @@ class SharedTransport(MessageTransport):
                 os.posix_fallocate(handle.fileno(), 0, 2 * model_bytes)
         except OSError as err:
             self.close()
-            from flair_fl.modes.config_checks import ConfigError
+            from flair_fl.errors import ConfigError
 
             raise ConfigError(
                 f"simulation.shared_dir: {self.dir.parent} has no room for a round's shared "

@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from flair_fl.modes.config_checks import ConfigError
+from flair_fl.errors import ConfigError
 
 
 class RunLogger(Protocol):

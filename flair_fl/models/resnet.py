@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
 from flair_fl.artifacts.safe_load import load_state_dict_file
-from flair_fl.modes.config_checks import ConfigError
+from flair_fl.errors import ConfigError
 
 HOW_TO_GET_WEIGHTS = (
     "On a machine with internet access run\n"

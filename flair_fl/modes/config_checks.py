@@ -26,12 +26,10 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from flair_fl.errors import ConfigError
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 INT, NUMBER = "int", "number"
-
-
-class ConfigError(ValueError):
-    """A config value is out of range or of the wrong type."""
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from flair_fl.artifacts.checkpoint import atomic_save
 from flair_fl.artifacts.durable import write_atomically
 from flair_fl.artifacts.run_dir import RESULTS_NAME
-from flair_fl.data.raw import FlairFormatError
+from flair_fl.errors import ConfigError, FlairFormatError, RunStopped
 from flair_fl.federated.adaptive_mu import AdaptiveMu
 from flair_fl.federated.protocol import METRICS_KEY, metric_state_from_record
 from flair_fl.federated.server_app import LoopOutcome
@@ -34,9 +34,8 @@ from flair_fl.learning.metrics import MetricState
 from flair_fl.loggers import LoggerErrors, RunLogger, SafeLogger, start_logger
 from flair_fl.loggers.console import ConsoleProgress
 from flair_fl.models.params import trainable_state
-from flair_fl.modes.config_checks import ConfigError
 from flair_fl.privacy import Privacy
-from flair_fl.services.stopping import RunStopped, StopSignal
+from flair_fl.services.stopping import StopSignal
 
 log = logging.getLogger(__name__)
 

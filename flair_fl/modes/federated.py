@@ -29,7 +29,7 @@ from flair_fl.artifacts.checkpoint import (
 from flair_fl.artifacts.durable import write_atomically
 from flair_fl.artifacts.run_dir import report_finished
 from flair_fl.data.source import FederatedData, check_label
-from flair_fl.errors import NoRoundTrained, TrainingDiverged
+from flair_fl.errors import ConfigError, NoRoundTrained, TrainingDiverged
 from flair_fl.federated.adaptive_mu import AdaptiveMu
 from flair_fl.federated.client_app import ClientSpec, make_client_app
 from flair_fl.federated.faults import FaultSpec
@@ -47,7 +47,7 @@ from flair_fl.federated.transport import make_transport
 from flair_fl.learning.evaluator import overlap_enabled
 from flair_fl.learning.local_training import LocalTraining
 from flair_fl.models.params import trainable_state
-from flair_fl.modes.config_checks import ConfigError, validate_run_config
+from flair_fl.modes.config_checks import validate_run_config
 from flair_fl.modes.driver import (
     RoundTracker,
     build,

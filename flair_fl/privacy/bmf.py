@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from flair_fl.errors import ConfigError
 from flair_fl.federated.sampling import MinSeparationSampler
-from flair_fl.modes.config_checks import ConfigError
 from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.bmf_accounting import participation
 from flair_fl.privacy.central import Calibration, CentralDP

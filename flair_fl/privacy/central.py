@@ -23,8 +23,8 @@ from typing import Any
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
+from flair_fl.errors import ConfigError
 from flair_fl.federated.protocol import UNIFORM_WEIGHT_KEY
-from flair_fl.modes.config_checks import ConfigError
 from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.accounting import (
     ACCOUNTANTS,

@@ -14,9 +14,9 @@ from flwr.app import Message
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
+from flair_fl.errors import ConfigError
 from flair_fl.federated.protocol import EXAMPLES_WEIGHT_KEY, META_KEY
 from flair_fl.federated.wrapper import DelegatingStrategy
-from flair_fl.modes.config_checks import ConfigError
 from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.accounting import SampleLevelLedger
 from flair_fl.privacy.dp_sgd import DPSGDSettings, poisson_sample_rate

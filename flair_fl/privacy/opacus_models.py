@@ -17,8 +17,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from flair_fl.errors import ConfigError
 from flair_fl.models.resnet import FrozenBatchNorm2d
-from flair_fl.modes.config_checks import ConfigError
 
 
 def require_dp_sgd_compatible(model: nn.Module) -> None:

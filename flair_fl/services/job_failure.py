@@ -21,10 +21,14 @@ import sys
 import traceback
 from pathlib import Path
 
-from flair_fl.artifacts.durable import OutputWriteError
-from flair_fl.errors import NoRoundTrained, TrainingDiverged
-from flair_fl.modes.config_checks import ConfigError
-from flair_fl.services.stopping import RunStopped
+from flair_fl.errors import (
+    ConfigError,
+    FlairFormatError,
+    NoRoundTrained,
+    OutputWriteError,
+    RunStopped,
+    TrainingDiverged,
+)
 
 FAILED_JOB_SCORE = float("-inf")
 ERROR_FILE = "error.txt"
@@ -33,16 +37,13 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     OutputWriteError,
     TrainingDiverged,
     NoRoundTrained,
-)  # reported in one line, no traceback; and FlairFormatError (`user_error`)
+    FlairFormatError,
+)  # reported in one line, no traceback
 
 
 def user_error(err: BaseException) -> bool:
-    """Whether `err` is the user's to fix (one line, no traceback). The data reader's error
-    is checked only if the reader was imported (a config error must not import numpy)."""
-    raw = sys.modules.get("flair_fl.data.raw")
-    return isinstance(err, USER_ERRORS) or (
-        raw is not None and isinstance(err, raw.FlairFormatError)
-    )
+    """Whether `err` is the user's to fix (one line, no traceback)."""
+    return isinstance(err, USER_ERRORS)
 
 
 def in_multirun() -> bool:

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from flair_fl.errors import RunStopped
+
 log = logging.getLogger(__name__)
 Hook = Callable[[], None]
 DEFAULT_GRACE_S = 30.0  # a clean stop takes ~1-3 s; this bounds one stuck in a library call
@@ -88,14 +90,6 @@ on_signal(signal.SIGTERM, 143)  # 128 + 15: schedulers requeue on it
 # SLURM's `--signal` (sbatch --signal=USR1@120) warns a job before its time limit ends.
 on_signal(signal.SIGUSR1, 138, action=pass_on(signal.SIGUSR1))  # 128 + 10
 on_signal(signal.SIGUSR2, 140, action=pass_on(signal.SIGUSR2))  # 128 + 12
-
-
-class RunStopped(Exception):
-    """The run stopped on a signal; `stop.exit_code` is the status to exit with."""
-
-    def __init__(self, stop: StopSignal, detail: str):
-        super().__init__(f"stopped by {stop.name}: {detail}")
-        self.stop = stop
 
 
 class _State:

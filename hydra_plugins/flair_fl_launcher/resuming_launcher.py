@@ -35,7 +35,7 @@ RESUME_KEY = "resume"
 
 def quoted(path: str) -> str:
     """`path` as a quoted Hydra override value (job dirs hold `=` and `,`)."""
-    from flair_fl.modes.config_checks import ConfigError
+    from flair_fl.errors import ConfigError
 
     for quote in ("'", '"'):
         if quote not in path:
