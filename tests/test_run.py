@@ -95,7 +95,7 @@ def test_end_to_end_run_writes_complete_metrics(
 
 
 def _initial_state(cfg: object) -> dict[str, torch.Tensor]:
-    from flair_fl.federated.sampling import derive_seed
+    from flair_fl.services.seeds import derive_seed
 
     data = instantiate(cfg.data)  # type: ignore[attr-defined]
     torch.manual_seed(derive_seed(cfg.seed, "model-init"))  # type: ignore[attr-defined]

@@ -20,10 +20,11 @@ from omegaconf import DictConfig
 
 from flair_fl.data.source import FederatedData, open_reader
 from flair_fl.federated.client_app import train_images
-from flair_fl.federated.sampling import CohortSampler, derive_seed
+from flair_fl.federated.sampling import CohortSampler
 from flair_fl.learning.local_training import train_local
 from flair_fl.modes.driver import build, device_for
 from flair_fl.services.memory import peak_rss_mb
+from flair_fl.services.seeds import derive_seed
 
 
 def run_reference(cfg: DictConfig, workdir: Path, threads: int = 1) -> list[dict[str, Any]]:

@@ -48,12 +48,12 @@ from flair_fl.federated.protocol import (
     Layout,
     metric_state_to_record,
 )
-from flair_fl.federated.sampling import derive_seed
 from flair_fl.federated.transport import map_flat, write_flat
 from flair_fl.federated.user_state import UserStateStore, scaffold_update, split_control
 from flair_fl.learning.local_training import LocalTraining, evaluate, train_local
 from flair_fl.models.params import load_trainable, trainable_state
 from flair_fl.services.memory import peak_rss_mb
+from flair_fl.services.seeds import derive_seed
 
 
 @dataclass(frozen=True)

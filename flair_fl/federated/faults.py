@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flair_fl.errors import InjectedFault
-from flair_fl.federated.sampling import derive_seed
+from flair_fl.services.seeds import derive_seed
 
 KINDS = ("raise", "hang", "die", "nan")
 

@@ -7,16 +7,11 @@ round), so a resumed run draws the same users and a sampler keeps no state.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Protocol
 
 import numpy as np
 
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed derived from any parts (stable across processes and Python runs)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+from flair_fl.services.seeds import derive_seed
 
 
 def repeat_indices(users: list[str]) -> list[int]:

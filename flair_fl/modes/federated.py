@@ -34,12 +34,7 @@ from flair_fl.federated.adaptive_mu import AdaptiveMu
 from flair_fl.federated.client_app import ClientSpec, make_client_app
 from flair_fl.federated.faults import FaultSpec
 from flair_fl.federated.protocol import EXAMPLES_WEIGHT_KEY, UNIFORM_WEIGHT_KEY
-from flair_fl.federated.sampling import (
-    CohortSampler,
-    Sampler,
-    WithReplacementSampler,
-    derive_seed,
-)
+from flair_fl.federated.sampling import CohortSampler, Sampler, WithReplacementSampler
 from flair_fl.federated.schedule import ScheduledServerLR, ServerLRSchedule
 from flair_fl.federated.server_app import LoopOutcome, RoundPlan, make_server_app
 from flair_fl.federated.simulation import run_simulation
@@ -59,6 +54,7 @@ from flair_fl.modes.driver import (
 from flair_fl.privacy import Privacy, PrivacyContext
 from flair_fl.services import stopping
 from flair_fl.services.job_resources import sized_init_args
+from flair_fl.services.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,13 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from flair_fl.federated.sampling import derive_seed
 from flair_fl.learning.local_training import BatchInputs, LocalTraining, batch_input
 from flair_fl.privacy.opacus_models import (
     copy_parameters_back,
     opacus_ready_copy,
     require_dp_sgd_compatible,
 )
+from flair_fl.services.seeds import derive_seed
 
 
 @dataclass(frozen=True)

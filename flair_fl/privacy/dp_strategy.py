@@ -31,9 +31,9 @@ from flwr.serverapp.strategy import Strategy
 
 from flair_fl.federated.protocol import flatten_record
 from flair_fl.federated.reduce import REPLIES_KEY, ClipReduction, MetricsReduction, merged_reply
-from flair_fl.federated.sampling import derive_seed
 from flair_fl.federated.wrapper import DelegatingStrategy
 from flair_fl.privacy.clipping import QuantileClipNorm
+from flair_fl.services.seeds import derive_seed
 
 
 @dataclass(frozen=True)
