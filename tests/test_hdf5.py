@@ -24,7 +24,8 @@ from flair_fl.data.datasets import (
     UserDataset,
     build_transform,
 )
-from flair_fl.data.hdf5 import FlairHDF5, UserData
+from flair_fl.data.hdf5 import FlairHDF5
+from flair_fl.data.hdf5_layouts import UserData
 from flair_fl.data.labels import COARSE_LABELS
 from flair_fl.data.prepare import NUM_IMAGES_INDEX, Layout, prepare_flair
 from flair_fl.data.raw import IMAGE_DIR, METADATA_FILE

@@ -10,7 +10,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from flair_fl.data.augment import IMAGENET_MEAN, IMAGENET_STD, TrainAugment
-from flair_fl.data.hdf5 import FlairReader, LabelSet, StoredUser, UserData
+from flair_fl.data.hdf5 import FlairReader, LabelSet
+from flair_fl.data.hdf5_layouts import StoredUser, UserData
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from flair_fl.data.augment import resize_uint8
-from flair_fl.data.hdf5 import FlairReader, LabelSet, UserData
+from flair_fl.data.hdf5 import FlairReader, LabelSet
+from flair_fl.data.hdf5_layouts import UserData
 
 log = logging.getLogger(__name__)
 PLACEMENTS = ("auto", "device", "host")

@@ -15,7 +15,8 @@ from functools import cached_property
 import numpy as np
 
 from flair_fl.data.decode import StoredImages
-from flair_fl.data.hdf5 import FlairHDF5, StoredUser, UserData
+from flair_fl.data.hdf5 import FlairHDF5
+from flair_fl.data.hdf5_layouts import StoredUser, UserData
 from flair_fl.data.targets import LabelSet
 from flair_fl.errors import FlairFormatError
 
