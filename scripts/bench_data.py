@@ -12,7 +12,9 @@ with the machine, the command and the load average.
 `--mode eval`: central evaluation of a synthetic val split (256 px stored -> 224 px input),
 the per-image path (HDF5 re-read, per-image CPU transforms) against the in-memory path (read
 and resized once, batched normalisation on the device), paired repeats, for the uint8 and the
-JPEG store; the same metrics from both (their largest difference is reported).
+JPEG store and each of `--models` (default: meanpool, a near-free model that leaves the data
+path to time, and smallcnn); the same metrics from both (their largest difference is
+reported).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 
 from flair_fl.bench.data import TrainBench, run_train_bench, train_markdown
-from flair_fl.bench.data_eval import EvalWorkload, eval_markdown, run_eval_benchmark
+from flair_fl.bench.data_eval import MODELS, EvalWorkload, eval_markdown, run_eval_benchmark
 from flair_fl.bench.run import command_line, machine
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -42,15 +44,16 @@ def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
 
 def train_mode(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     shared = _given(args, "users", "repeats", "image_size", "input_size", "cache_dir")
-    bench = TrainBench(epochs=args.epochs, threads=args.threads, **shared)
+    threads = TrainBench.threads if args.threads is None else args.threads
+    bench = TrainBench(epochs=args.epochs, threads=threads, **shared)
     report = run_train_bench(bench, [torch.device(d) for d in args.devices])
     return report, train_markdown(report)
 
 
 def eval_mode(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
-    shared = _given(args, "users", "repeats", "image_size", "input_size", "cache_dir")
+    shared = _given(args, "users", "repeats", "image_size", "input_size", "cache_dir", "threads")
     work = EvalWorkload(
-        model=args.model, batch_size=args.batch_size, precision=args.precision, **shared
+        models=tuple(args.models), batch_size=args.batch_size, precision=args.precision, **shared
     )
     report = run_eval_benchmark(work, [torch.device(d) for d in args.devices])
     return report, eval_markdown(report)
@@ -77,8 +80,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input-size", type=int, help="px into the model (default 224)")
     parser.add_argument("--cache-dir", help="where the synthetic set is cached")
     parser.add_argument("--epochs", type=int, default=TrainBench.epochs)
-    parser.add_argument("--threads", type=int, default=TrainBench.threads)
-    parser.add_argument("--model", choices=["smallcnn", "resnet18"], default=EvalWorkload.model)
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (train: 1, a client's; eval: torch's default)"
+    )
+    parser.add_argument(
+        "--models", nargs="+", choices=sorted(MODELS), default=list(EvalWorkload.models)
+    )
     parser.add_argument("--batch-size", type=int, default=EvalWorkload.batch_size, help="eval")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=EvalWorkload.precision)
     args = parser.parse_args(argv)

@@ -41,10 +41,14 @@ def test_eval_mode_writes_paired_results_for_both_stores(tmp_path: Path) -> None
     # Execute
     assert main(args) == 0
 
-    # Assert: paired timings per store, both paths give the same metrics
+    # Assert: paired timings per store and model (the near-free one and smallcnn), both
+    # paths give the same metrics
     report = json.loads((tmp_path / "tiny.json").read_text())["eval"]
-    assert set(report["results"]) >= {"cpu/uint8", "cpu/jpeg"}
+    expected = {f"cpu/{s}/{m}" for s in ("uint8", "jpeg") for m in ("meanpool", "smallcnn")}
+    assert set(report["results"]) == expected
     for result in report["results"].values():
         assert len(result["per_image_s"]) == len(result["in_memory_s"]) == 2
         assert result["images"] > 0 and result["max_metric_difference"] <= 1e-4
+        first = result["in_memory_load_once_s"] + result["in_memory_s"][0]
+        assert result["ratio_first_evaluation"] >= first / max(result["per_image_s"]) > 0
     assert "Load average" in (tmp_path / "tiny.md").read_text()

@@ -118,6 +118,42 @@ def test_in_memory_metrics_equal_the_per_image_path(
         assert new[key] == pytest.approx(old[key], abs=1e-4), key
 
 
+def test_cpu_batches_are_written_into_one_reused_buffer(tiny_hdf5: Path) -> None:
+    """On the CPU each evaluation batch goes into one float buffer kept with the split (a
+    fresh one per batch costs first-touch page faults); every batch, the short last one
+    included, equals a freshly normalised one, and the next evaluation reuses the buffer."""
+    cpu = torch.device("cpu")
+    held = load_in_memory(FederatedData(tiny_hdf5, input_size=24), "val", cpu)
+    batch = 3
+    assert len(held) > batch and len(held) % batch  # several batches, the last one short
+
+    pointers = []
+    starts = range(0, len(held), batch)
+    for start, (inputs, targets) in zip(starts, held.inputs(batch, cpu), strict=True):
+        want = to_model_input(held.images[start : start + batch], 24)
+        assert torch.equal(inputs, want)
+        assert torch.equal(targets, held.targets[start : start + batch])
+        pointers.append(inputs.data_ptr())
+    again = [inputs.data_ptr() for inputs, _ in held.inputs(batch, cpu)]
+
+    assert len(pointers) == len(starts) and set(pointers) == {pointers[0]}
+    assert again == pointers
+
+
+def test_model_input_into_a_given_buffer_checks_it() -> None:
+    images = _photos(2, 24)
+    out = torch.empty(2, 3, 24, 24)
+
+    got = to_model_input(images, 24, out=out)
+
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, to_model_input(images, 24), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out: expected float32"):
+        to_model_input(images, 24, out=torch.empty(3, 3, 24, 24))
+    with pytest.raises(ValueError, match="out: expected float32"):
+        to_model_input(images, 24, out=torch.empty(2, 3, 24, 24, dtype=torch.float64))
+
+
 def test_central_evaluator_reads_each_split_once(tiny_hdf5: Path) -> None:
     data = FederatedData(tiny_hdf5, input_size=24)
     model = small_cnn(num_classes=data.num_labels, width=8)

@@ -89,6 +89,7 @@ def to_model_input(
     std: tuple[float, ...] = IMAGENET_STD,
     memory_format: torch.memory_format = torch.contiguous_format,
     rows: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """uint8 (N, H, W, 3) on any device -> normalised float32 (N, 3, size, size) there.
 
@@ -97,13 +98,20 @@ def to_model_input(
     those images left-right. Resize: antialiased bilinear (torchvision's `Resize`,
     `antialias=True`); then x / 255, minus `mean`, over `std`, per channel. `rows`: take
     these images of `images` (a user's, on the device) as the batch, without copying them.
+    `out`: a float32 (N, 3, size, size) tensor on the images' device to write the batch
+    into (a buffer reused batch after batch; `memory_format` is then its own).
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
     picked = list(range(images.shape[0])) if rows is None else rows.tolist()
-    out = torch.empty(
-        (len(picked), 3, size, size), device=images.device, memory_format=memory_format
-    )
+    shape = (len(picked), 3, size, size)
+    if out is None:
+        out = torch.empty(shape, device=images.device, memory_format=memory_format)
+    elif out.shape != shape or out.dtype != torch.float32 or out.device != images.device:
+        raise ValueError(
+            f"out: expected float32 {shape} on {images.device}, got {out.dtype} "
+            f"{tuple(out.shape)} on {out.device}"
+        )
     nchw = images.permute(0, 3, 1, 2)  # a view: channels-last strides, what the CPU kernel wants
     if boxes is None and flips is None and rows is None:
         out.copy_(_resize(_resizable(nchw), size))

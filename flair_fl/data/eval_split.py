@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from flair_fl.data.augment import resize_uint8
+from flair_fl.data.augment import resize_uint8, to_model_input
 from flair_fl.data.hdf5 import FlairReader, LabelSet
 from flair_fl.data.hdf5_layouts import UserData
 
@@ -40,6 +40,8 @@ class EvalImages:
 
     images: torch.Tensor
     targets: torch.Tensor
+    # The CPU's reused input batch (see `inputs`).
+    _buffer: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -54,6 +56,30 @@ class EvalImages:
                 self.images[start:stop].to(device, non_blocking=True),
                 self.targets[start:stop].to(device, non_blocking=True),
             )
+
+    def inputs(
+        self, batch_size: int, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive batches as the model takes them: normalised float32 (B, 3, S, S) and
+        the targets, on `device`.
+
+        On the CPU every batch is written into one float buffer kept with the split (for the
+        next evaluation too), so a batch is only valid until the next one is asked for. A
+        fresh tensor per batch (300 MB at batch 512, 224 px) costs more in first-touch page
+        faults than the conversion itself: measured on a 2-core CPU, 0.9 ms per image fresh
+        against 0.2 ms reused. (On CUDA, the caching allocator already reuses the memory.)
+        One evaluation of a split at a time (CentralEvaluator's are: they share its model).
+        """
+        size = self.images.shape[1]
+        for images, targets in self.batches(batch_size, device):
+            out = self._reused(len(images), batch_size, size) if device.type == "cpu" else None
+            yield to_model_input(images, size, out=out), targets
+
+    def _reused(self, count: int, batch_size: int, size: int) -> torch.Tensor:
+        shape = (min(batch_size, len(self)), 3, size, size)
+        if self._buffer is None or self._buffer.shape != shape:
+            self._buffer = torch.empty(shape)
+        return self._buffer[:count]
 
     @classmethod
     def from_user(

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from flair_fl.data.augment import to_model_input
 from flair_fl.data.eval_split import EvalImages
 from flair_fl.learning.metrics import MetricState
 
@@ -123,8 +122,8 @@ def evaluate(
     model.to(device).eval()
     state = MetricState.zeros(num_labels)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
-    for images, targets in data.batches(batch_size, device):
+    for inputs, targets in data.inputs(batch_size, device):
         with autocast:
-            logits = model(to_model_input(images, images.shape[1]))
+            logits = model(inputs)
         state = state + MetricState.from_batch(logits, targets)
     return state
