@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import math
 import sys
-from types import SimpleNamespace
 
 import pytest
 
-from flair_fl.federated.adaptive_mu import AdaptiveMu
+from flair_fl.algorithms.fedprox import AdaFedProx, AdaptiveMu
 
 
 def pfl_mu_sequence(
@@ -40,7 +39,7 @@ LOSSES += [0.7 - 0.04 * i for i in range(14)]
 @pytest.mark.parametrize("decrease_after", [1, 2, 3])
 def test_mu_follows_pfl_research_rule(initial: float, decrease_after: int) -> None:
     # Prepare: adaptation every 20 rounds; evaluations at every 10th round in between
-    strategy = SimpleNamespace(proximal_mu=initial)
+    strategy = AdaFedProx(proximal_mu=initial)
     adaptive = AdaptiveMu(strategy, every=20, step=0.1, decrease_after=decrease_after)
 
     # Execute
@@ -59,14 +58,14 @@ def test_mu_follows_pfl_research_rule(initial: float, decrease_after: int) -> No
 
 def test_state_round_trips_and_continues_identically() -> None:
     # Prepare: two adapters, one stopped half-way and restored into a fresh one
-    whole = AdaptiveMu(SimpleNamespace(proximal_mu=0.3), every=1, decrease_after=2)
-    first = AdaptiveMu(SimpleNamespace(proximal_mu=0.3), every=1, decrease_after=2)
+    whole = AdaptiveMu(AdaFedProx(proximal_mu=0.3), every=1, decrease_after=2)
+    first = AdaptiveMu(AdaFedProx(proximal_mu=0.3), every=1, decrease_after=2)
     for r, loss in enumerate(LOSSES[:7]):
         whole.observe(r, {"val_loss": loss})
         first.observe(r, {"val_loss": loss})
 
     # Execute
-    second = AdaptiveMu(SimpleNamespace(proximal_mu=0.0), every=1, decrease_after=2)
+    second = AdaptiveMu(AdaFedProx(proximal_mu=0.0), every=1, decrease_after=2)
     second.load_state_dict(first.state_dict())
     for r, loss in enumerate(LOSSES[7:], start=7):
         whole.observe(r, {"val_loss": loss})
@@ -77,12 +76,12 @@ def test_state_round_trips_and_continues_identically() -> None:
 
 
 def test_first_comparison_is_an_improvement() -> None:
-    adaptive = AdaptiveMu(SimpleNamespace(proximal_mu=1.0), every=5)
+    adaptive = AdaptiveMu(AdaFedProx(proximal_mu=1.0), every=5)
 
     adaptive.observe(0, {"val_loss": 123.0})
 
     assert adaptive.mu == pytest.approx(0.9) and adaptive.previous == 123.0
-    assert AdaptiveMu(SimpleNamespace(proximal_mu=0.0)).previous == math.inf
+    assert AdaptiveMu(AdaFedProx(proximal_mu=0.0)).previous == math.inf
 
 
 @pytest.mark.parametrize(
@@ -91,4 +90,4 @@ def test_first_comparison_is_an_improvement() -> None:
 )
 def test_bad_settings_are_refused(kwargs: dict[str, object], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
-        AdaptiveMu(SimpleNamespace(proximal_mu=0.0), **kwargs)  # type: ignore[arg-type]
+        AdaptiveMu(AdaFedProx(proximal_mu=0.0), **kwargs)

@@ -15,7 +15,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from flair_fl.artifacts.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flair_fl.data.source import FederatedData
-from flair_fl.federated.server_app import LoopOutcome, is_measurement
+from flair_fl.federated.contract import server_strategy
+from flair_fl.federated.round import LoopOutcome, is_measurement
 from flair_fl.learning.evaluator import CentralEvaluator
 from flair_fl.models.params import trainable_state
 from flair_fl.models.small_cnn import small_cnn
@@ -70,7 +71,7 @@ def _drive(
         rounds, 1, evaluator, NoPrivacy(), [rows], out, initial, checkpoint_every=1, overlap=overlap
     )
     tracker.checkpoint = _Checkpointer(
-        compose_config(["debug=tiny"]), out, FedAvg(), NoPrivacy(), tracker
+        compose_config(["debug=tiny"]), out, server_strategy(FedAvg()), NoPrivacy(), tracker
     )
     stops = []
     for r, arrays in enumerate(_round_weights(data.num_labels, rounds, nan_round), start=1):

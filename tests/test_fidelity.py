@@ -18,7 +18,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from flair_fl.artifacts.summarize import CSV_NAME, find_jobs, format_text, summarize, write_outputs
-from flair_fl.federated.server_app import LoopOutcome
+from flair_fl.federated.round import LoopOutcome
 from flair_fl.loggers import LoggerErrors, start_logger
 from flair_fl.loggers.console import ConsoleProgress
 from flair_fl.loggers.files import file_logger

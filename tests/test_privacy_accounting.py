@@ -38,7 +38,7 @@ def test_noise_multiplier_is_opacus_get_noise_multiplier_and_spends_epsilon(
 ) -> None:
     dp = CentralDP(epsilon=epsilon, delta=delta, accountant=accountant)
 
-    dp.wrap(_fedavg(), _context(cohort, population, rounds))
+    dp.round_stages(_context(cohort, population, rounds))
 
     assert dp.calibration is not None
     z = get_noise_multiplier(
@@ -99,7 +99,7 @@ def test_pfl_preset_gives_the_pfl_research_noise() -> None:
     )
     dp = instantiate(cfg.privacy)
 
-    dp.wrap(_fedavg(), _context(200, FLAIR_TRAIN_USERS, 5000))
+    dp.round_stages(_context(200, FLAIR_TRAIN_USERS, 5000))
 
     described = dp.describe()
     assert described["noise_multiplier"] == pytest.approx(0.632, abs=0.001)  # 0.6323
@@ -119,7 +119,7 @@ def test_ml_flair_preset_gives_the_ml_flair_noise() -> None:
     cfg = compose_config(["privacy=dp_adaptive"])
     dp = instantiate(cfg.privacy)
 
-    dp.wrap(_fedavg(), _context(200, FLAIR_TRAIN_USERS, 5000))
+    dp.round_stages(_context(200, FLAIR_TRAIN_USERS, 5000))
 
     described = dp.describe()
     z, z_update = described["noise_multiplier"], described["update_noise_multiplier"]
@@ -146,22 +146,22 @@ def test_too_little_count_noise_names_the_key() -> None:
     dp = CentralDP(noise_multiplier=1.0, adaptive=AdaptiveClipping(clipped_count_stddev=0.15))
 
     with pytest.raises(ConfigError, match=r"privacy\.adaptive\.clipped_count_stddev"):
-        dp.wrap(_fedavg(), _context(3, 32, 4))
+        dp.round_stages(_context(3, 32, 4))
 
 
 def test_default_count_noise_always_fits_the_noise_multiplier() -> None:
     # Null count std: max(cohort / 20, z) = 1.0 > z / 2, so the same setting wraps.
     dp = CentralDP(noise_multiplier=1.0, adaptive=AdaptiveClipping())
 
-    dp.wrap(_fedavg(), _context(3, 32, 4))
+    dp.round_stages(_context(3, 32, 4))
 
 
 def test_max_epsilon_stops_before_the_round_that_would_exceed_it() -> None:
     probe = CentralDP(noise_multiplier=1.0)
-    probe.wrap(_fedavg(), _context(5, 50, 10))
+    probe.round_stages(_context(5, 50, 10))
     limit = (probe.epsilon_after(6) + probe.epsilon_after(7)) / 2
     dp = CentralDP(noise_multiplier=1.0, max_epsilon=limit)
-    dp.wrap(_fedavg(), _context(5, 50, 10))
+    dp.round_stages(_context(5, 50, 10))
 
     assert [dp.stop_reason(r) for r in range(1, 7)] == [None] * 6
     reason = dp.stop_reason(7)
@@ -184,7 +184,7 @@ def test_bad_settings_name_the_key(kwargs: dict[str, object], key: str) -> None:
 
 def test_noise_cohort_smaller_than_the_cohort_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"privacy\.noise_cohort_size"):
-        CentralDP(noise_cohort_size=5).wrap(_fedavg(), _context(10, 100, 5))
+        CentralDP(noise_cohort_size=5).round_stages(_context(10, 100, 5))
 
 
 def test_sample_level_ledger_composes_each_users_runs_like_opacus() -> None:
@@ -205,9 +205,3 @@ def test_sample_level_ledger_composes_each_users_runs_like_opacus() -> None:
     expected = max(twice.get_epsilon(delta), bob.get_epsilon(delta))
     assert ledger.worst_epsilon == pytest.approx(expected, rel=1e-12)
     assert not math.isclose(twice.get_epsilon(delta), alone.get_epsilon(delta))
-
-
-def _fedavg():  # type: ignore[no-untyped-def]
-    from flwr.serverapp.strategy import FedAvg
-
-    return FedAvg(weighted_by_key="uniform-weight", min_available_nodes=1, min_train_nodes=1)

@@ -19,9 +19,9 @@ from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.accounting import EpsilonCurve, noise_multiplier_for
 from flair_fl.privacy.bmf import BandedMFDP, BandedNoise, bsr_coefficients, strategy_matrix
 from flair_fl.privacy.calibrate import main
-from flair_fl.privacy.dp_strategy import NoiseSettings
+from flair_fl.privacy.central_stages import NoiseSettings
 from tests.helpers import compose_config
-from tests.test_privacy_central import _aggregate, _reply, _task_identity  # noqa: F401
+from tests.test_privacy_central import _DP, _aggregate, _reply
 
 S = math.sqrt(1.25)  # norm of the 2-band square root's column (1, 1/2)
 # 4 rounds, 2 bands, by hand: C = (I + S/2) / sqrt(1.25) with S the shift down, so
@@ -77,7 +77,7 @@ def test_noise_on_the_model_has_covariance_sigma2_c_inv_c_inv_t() -> None:
     dp = BandedMFDP(
         min_separation=2, bands=2, noise_multiplier=1.5, clip_norm=0.2, secure_noise=False
     )
-    strategy = dp.wrap(_fedavg(), _context(2, 8, 4))
+    strategy = _DP(_fedavg(), dp.round_stages(_context(2, 8, 4)))
     noise = []
     weights = base
     for server_round in range(1, 5):
@@ -117,7 +117,7 @@ def test_min_separation_sampler_keeps_users_apart_and_partitions_them() -> None:
 def test_accounting_is_ceil_t_over_b_participations_at_rate_b_q() -> None:
     dp = BandedMFDP(min_separation=4, epsilon=3.0, delta=1e-5, secure_noise=False)
 
-    dp.wrap(_fedavg(), _context(2, 80, 30))
+    dp.round_stages(_context(2, 80, 30))
 
     z = noise_multiplier_for(3.0, 1e-5, 4 * 2 / 80, 8, "rdp")  # ceil(30 / 4) = 8
     assert dp.calibration is not None and dp.calibration.noise_multiplier == z
@@ -133,7 +133,7 @@ def test_calibrate_with_min_separation_prints_the_runs_z(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     dp = BandedMFDP(min_separation=4, epsilon=3.0, delta=1e-5)
-    dp.wrap(_fedavg(), _context(2, 80, 30))
+    dp.round_stages(_context(2, 80, 30))
 
     main(
         [
@@ -183,7 +183,7 @@ def test_groups_smaller_than_the_cohort_are_refused() -> None:
     dp = BandedMFDP(min_separation=48, noise_multiplier=1.0)
 
     with pytest.raises(ConfigError, match=r"privacy\.min_separation=48"):
-        dp.wrap(_fedavg(), _context(3, 32, 10))
+        dp.round_stages(_context(3, 32, 10))
 
 
 @pytest.mark.slow  # one real run through the Flower simulation

@@ -6,21 +6,12 @@ number can be checked against a formula.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Error,
-    Message,
-    MessageType,
-    Metadata,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -28,75 +19,69 @@ from flwr.serverapp.strategy import (
     FedAvg,
     Strategy,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from flair_fl.errors import ConfigError
+from flair_fl.federated.contract import server_strategy
 from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.central import AdaptiveClipping, CentralDP
+from flair_fl.privacy.central_stages import CentralDPStages, NoiseSettings, RoundStats
 from flair_fl.privacy.clipping import QuantileClipNorm
-from flair_fl.privacy.dp_strategy import CentralDPStrategy, NoiseSettings
+from tests.fake_grid import FakeGrid, failed, record, reply_content, run_round
 
 Weights = dict[str, np.ndarray]
 GLOBAL: Weights = {"a": np.full((3, 2), 0.5, dtype=np.float32), "b": np.zeros(4, np.float32)}
+_record = record
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # Flower's ServerApp sets these; strategies create Messages in configure_train.
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-    yield
-
-
-class _Grid:
-    def get_node_ids(self) -> list[int]:
-        return [1]
-
-
-def _record(weights: Weights) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in weights.items()})
-
-
-def _meta() -> Metadata:
-    return Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=1,
-        dst_node_id=0,
-        reply_to_message_id="instruction",
-        group_id="",
-        created_at=0.0,
-        ttl=1e9,
-        message_type=MessageType.TRAIN,
-    )
-
-
-def _reply(update: Weights, base: Weights = GLOBAL) -> Message:
+def _reply(update: Weights, base: Weights = GLOBAL) -> RecordDict:
     """A client's reply: base weights + update, with our clients' metric keys."""
-    weights = {k: base[k] + update[k] for k in base}
-    metrics = MetricRecord({"train-loss": 0.5, "num-examples": 3, "uniform-weight": 1})
-    return Message(
-        content=RecordDict({"arrays": _record(weights), "metrics": metrics}), metadata=_meta()
-    )
+    return reply_content({k: base[k] + update[k] for k in base})
 
 
-def _failed() -> Message:
-    return Message(error=Error(code=1, reason="client crashed"), metadata=_meta())
+def _failed() -> Error:
+    return failed()
 
 
 def _fedavg() -> FedAvg:
-    return FedAvg(weighted_by_key="uniform-weight", min_available_nodes=1, min_train_nodes=1)
+    return FedAvg(weighted_by_key="uniform-weight")
 
 
-def _dp(inner: Strategy, cohort: int, z: float, clip: float, seed: int = 3) -> CentralDPStrategy:
-    return CentralDPStrategy(inner, NoiseSettings(cohort, z, 1.0, seed), clip)
+@dataclass
+class _DP:
+    """A server strategy and central DP's round stages, run together as the loop does."""
+
+    strategy: Strategy
+    stages: CentralDPStages
+
+    @property
+    def history(self) -> dict[int, RoundStats]:
+        return self.stages.history
+
+
+def _dp(inner: Strategy, cohort: int, z: float, clip: float, seed: int = 3) -> _DP:
+    return _DP(inner, CentralDPStages(NoiseSettings(cohort, z, 1.0, seed), clip))
+
+
+def _run(
+    target: _DP | Strategy,
+    replies: list[RecordDict | Error],
+    base: Weights = GLOBAL,
+    server_round: int = 1,
+) -> ArrayRecord | None:
+    if isinstance(target, _DP):
+        return run_round(
+            server_strategy(target.strategy), replies, base, server_round, target.stages
+        )
+    return run_round(server_strategy(target), replies, base, server_round)
 
 
 def _aggregate(
-    strategy: Strategy, replies: list[Message], base: Weights = GLOBAL, server_round: int = 1
+    target: _DP | Strategy,
+    replies: list[RecordDict | Error],
+    base: Weights = GLOBAL,
+    server_round: int = 1,
 ) -> Weights:
-    list(strategy.configure_train(server_round, _record(base), ConfigRecord(), _Grid()))
-    arrays, _ = strategy.aggregate_train(server_round, replies)
+    arrays = _run(target, replies, base, server_round)
     assert arrays is not None
     return {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
 
@@ -171,16 +156,15 @@ def test_failed_clients_still_get_noise_and_mean_of_the_sampled_cohort() -> None
 
 def test_all_clients_failed_leaves_the_model_and_records_the_round() -> None:
     dp = _dp(_fedavg(), 3, 1.0, 0.1)
-    list(dp.configure_train(1, _record(GLOBAL), ConfigRecord(), _Grid()))
 
-    assert dp.aggregate_train(1, [_failed(), _failed()]) == (None, None)
+    assert _run(dp, [_failed(), _failed()]) is None
     assert dp.history[1].received == 0
 
 
 def test_server_optimizer_runs_on_the_noised_mean() -> None:
     rng = np.random.default_rng(2)
     replies = [_reply(_update(n, rng)) for n in (0.05, 0.3, 2.0)]
-    kwargs = {"weighted_by_key": "uniform-weight", "min_available_nodes": 1, "min_train_nodes": 1}
+    kwargs = {"weighted_by_key": "uniform-weight"}
     private_mean = _aggregate(_dp(_fedavg(), 3, 1.1, 0.2), replies)  # global + noised mean
 
     with_adam = _aggregate(_dp(FedAdam(eta=0.1, **kwargs), 3, 1.1, 0.2), replies)
@@ -208,46 +192,44 @@ def test_example_weighting_is_refused_naming_aggregation() -> None:
     context = PrivacyContext(10, 100, 5, 0, weighted_by_key="num-examples")
 
     with pytest.raises(ConfigError, match="aggregation"):
-        CentralDP(noise_multiplier=1.0).wrap(_fedavg(), context)
+        CentralDP(noise_multiplier=1.0).round_stages(context)
 
 
 def test_client_state_arrays_are_refused() -> None:
     dp = _dp(_fedavg(), 2, 1.0, 1.0)
-    list(dp.configure_train(1, _record(GLOBAL), ConfigRecord(), _Grid()))
-    extra = _reply({k: np.zeros_like(v) for k, v in GLOBAL.items()})
-    extra.content["arrays"]["scaffold.dc.a"] = Array(np.zeros(2, np.float32))
+    extra = reply_content(GLOBAL, **{"scaffold.dc.a": np.zeros(2, np.float32)})
 
     with pytest.raises(ValueError, match="SCAFFOLD"):
-        dp.aggregate_train(1, [extra])
+        _run(dp, [extra])
 
 
 def test_flower_fixed_clipping_wrapper_skips_rounds_with_a_failed_client() -> None:
     # Why we do not use Flower's wrapper: one failed client and the round is dropped.
     flower = DifferentialPrivacyServerSideFixedClipping(_fedavg(), 1.0, 0.1, 2)
-    list(flower.configure_train(1, _record(GLOBAL), ConfigRecord(), _Grid()))
-    ok = _reply(_update(0.05, np.random.default_rng(3)))
+    sent = list(flower.configure_train(1, _record(GLOBAL), ConfigRecord(), _grid()))
+    ok = Message(_reply(_update(0.05, np.random.default_rng(3))), reply_to=sent[0])
 
-    assert flower.aggregate_train(1, [ok, _failed()]) == (None, None)
+    assert flower.aggregate_train(1, [ok, Message(_failed(), reply_to=sent[0])]) == (None, None)
 
 
 def test_resumed_run_continues_with_the_adapted_clip_norm_and_same_accounting() -> None:
     context = PrivacyContext(2, 20, 10, seed=4, weighted_by_key="uniform-weight")
     settings = {"noise_multiplier": 1.0, "adaptive": AdaptiveClipping(0.1, 0.2, 5.0)}
     first = CentralDP(**settings)  # type: ignore[arg-type]
-    strategy = first.wrap(_fedavg(), context)
+    stages = first.round_stages(context)
     rng = np.random.default_rng(5)
-    _aggregate(strategy, [_reply(_update(1.0, rng)), _reply(_update(2.0, rng))])
+    _aggregate(_DP(_fedavg(), stages), [_reply(_update(1.0, rng)), _reply(_update(2.0, rng))])
 
     resumed = CentralDP(**settings)  # type: ignore[arg-type]
-    resumed.wrap(_fedavg(), context)
+    resumed.round_stages(context)
     resumed.load_state_dict(first.state_dict())
 
-    assert first.strategy is not None and resumed.strategy is not None
-    assert resumed.strategy.clip_norm == first.strategy.clip_norm != 0.1
+    assert first.stages is not None and resumed.stages is not None
+    assert resumed.stages.clip_norm == first.stages.clip_norm != 0.1
     assert resumed.round_metrics(1) == first.round_metrics(1)
     assert resumed.epsilon_after(5) == first.epsilon_after(5)
     changed = CentralDP(noise_multiplier=2.0, adaptive=AdaptiveClipping(0.1, 0.2, 5.0))
-    changed.wrap(_fedavg(), context)
+    changed.round_stages(context)
     with pytest.raises(ConfigError, match="resume"):
         changed.load_state_dict(first.state_dict())
 
@@ -257,8 +239,24 @@ QUANTILE_0_1 = float(np.exp(-1.2815516))
 COHORT = 20
 
 
+def _grid() -> FakeGrid:
+    return FakeGrid(lambda message: None)  # configure_train only samples nodes
+
+
+def _flower_round(strategy: Strategy) -> Callable[[int, list[RecordDict], Weights], None]:
+    """A round of a Flower strategy (or wrapper) through its own API, on given replies."""
+
+    def run(server_round: int, replies: list[RecordDict], base: Weights) -> None:
+        sent = list(strategy.configure_train(server_round, _record(base), ConfigRecord(), _grid()))
+        strategy.aggregate_train(server_round, [Message(r, reply_to=sent[0]) for r in replies])
+
+    return run
+
+
 def _lognormal_rounds(
-    strategy: Strategy, clip_of: object, rounds: int
+    run: Callable[[int, list[RecordDict], Weights], object],
+    clip_of: Callable[[], float],
+    rounds: int,
 ) -> tuple[list[float], list[float]]:
     """Run rounds of COHORT updates; return C before each round and the unclipped shares."""
     rng = np.random.default_rng(11)
@@ -266,10 +264,9 @@ def _lognormal_rounds(
     clips, unclipped = [], []
     for server_round in range(1, rounds + 1):
         norms = rng.lognormal(0.0, 1.0, COHORT)
-        clip = float(clip_of(strategy))  # type: ignore[operator]
+        clip = float(clip_of())
         replies = [_reply(_update(n, rng, zero), zero) for n in norms]
-        list(strategy.configure_train(server_round, _record(zero), ConfigRecord(), _Grid()))
-        strategy.aggregate_train(server_round, replies)
+        run(server_round, list(replies), zero)
         clips.append(clip)
         unclipped.append(float(np.mean(norms <= clip)))
     return clips, unclipped
@@ -281,9 +278,12 @@ def test_adaptive_clip_norm_converges_to_the_requested_unclipped_quantile() -> N
     # with a std of ~7% (count noise + sampling of 20 norms). Tolerances: 12% on the median
     # C of the last 80 rounds, 0.03 on the mean share of unclipped updates.
     estimator = QuantileClipNorm(0.1, 0.1, 0.2, COHORT / 20, COHORT)
-    dp = CentralDPStrategy(_fedavg(), NoiseSettings(COHORT, 1.0, 1.0, 0), 0.1, estimator)
+    dp = _DP(_fedavg(), CentralDPStages(NoiseSettings(COHORT, 1.0, 1.0, 0), 0.1, estimator))
 
-    clips, unclipped = _lognormal_rounds(dp, lambda s: s.clip_norm, rounds=160)
+    def run(server_round: int, replies: list[RecordDict], base: Weights) -> None:
+        _run(dp, list(replies), base, server_round)
+
+    clips, unclipped = _lognormal_rounds(run, lambda: dp.stages.clip_norm, rounds=160)
 
     assert np.median(clips[-80:]) == pytest.approx(QUANTILE_0_1, rel=0.12)
     assert np.mean(unclipped[-80:]) == pytest.approx(0.1, abs=0.03)
@@ -302,7 +302,9 @@ def test_flower_adaptive_wrapper_does_not_reach_the_requested_quantile(initial: 
         _fedavg(), 0.0, COHORT, initial, target_clipped_quantile=0.9, clip_norm_lr=0.2
     )
 
-    clips, unclipped = _lognormal_rounds(flower, lambda s: s.clipping_norm, rounds=60)
+    clips, unclipped = _lognormal_rounds(
+        _flower_round(flower), lambda: flower.clipping_norm, rounds=60
+    )
 
     distance = [abs(np.log(c / QUANTILE_0_1)) for c in clips]
     assert distance[-1] > distance[0] + 0.5

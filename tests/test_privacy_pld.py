@@ -31,7 +31,7 @@ def _pfl_pld_epsilon(z: float, q: float, steps: int, delta: float) -> float:
 def test_run_epsilon_with_pld_is_dp_accountings_pld() -> None:
     dp = CentralDP(noise_multiplier=1.2, delta=1e-5, accountant="pld")
 
-    dp.wrap(_fedavg(), PrivacyContext(10, 100, 8, seed=0, weighted_by_key="uniform-weight"))
+    dp.round_stages(PrivacyContext(10, 100, 8, seed=0, weighted_by_key="uniform-weight"))
 
     expected = _pfl_pld_epsilon(1.2, 0.1, 8, 1e-5)
     assert dp.epsilon_after(8) == pytest.approx(expected, rel=1e-9)
@@ -124,9 +124,3 @@ def test_calibrate_bad_input_exits_2_naming_the_option(
 
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
-
-
-def _fedavg():  # type: ignore[no-untyped-def]
-    from flwr.serverapp.strategy import FedAvg
-
-    return FedAvg(weighted_by_key="uniform-weight", min_available_nodes=1, min_train_nodes=1)

@@ -41,7 +41,7 @@ def test_central_dp_run_logs_the_budget_and_stops_before_exceeding_max_epsilon(
     ]
     probe = instantiate(compose_config(base).privacy)
     users = len(list(instantiate(compose_config(base).data).reader.population("train")))
-    probe.wrap(_fedavg(), PrivacyContext(3, users, 3, 0, "uniform-weight"))
+    probe.round_stages(PrivacyContext(3, users, 3, 0, "uniform-weight"))
     limit = (probe.epsilon_after(2) + probe.epsilon_after(3)) / 2
     cfg = compose_config([*base, f"privacy.max_epsilon={limit}"])
 
@@ -105,9 +105,3 @@ def test_central_dp_refuses_example_weighted_aggregation(
 
     with pytest.raises(ConfigError, match="aggregation"):
         run_experiment(cfg, tmp_path)
-
-
-def _fedavg():  # type: ignore[no-untyped-def]
-    from flwr.serverapp.strategy import FedAvg
-
-    return FedAvg(weighted_by_key="uniform-weight", min_available_nodes=1, min_train_nodes=1)

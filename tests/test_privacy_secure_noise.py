@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flair_fl.modes.federated import run_experiment
-from flair_fl.privacy.dp_strategy import NoiseSettings
+from flair_fl.privacy.central_stages import NoiseSettings
 from tests.helpers import compose_config
 
 # What a round computes before the noise: the sampled users' training and the statistics

@@ -21,7 +21,7 @@ from flair_fl.artifacts.checkpoint import (
     load_checkpoint,
 )
 from flair_fl.errors import ConfigError
-from flair_fl.federated.server_app import is_measurement
+from flair_fl.federated.round import is_measurement
 from flair_fl.modes.federated import run_experiment
 from tests.helpers import compose_config
 from tests.test_adaptive_mu import pfl_mu_sequence

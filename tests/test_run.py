@@ -18,8 +18,8 @@ from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 
 from flair_fl.errors import ConfigError, FlairFormatError
+from flair_fl.federated.round import is_measurement
 from flair_fl.federated.sampling import CohortSampler
-from flair_fl.federated.server_app import is_measurement
 from flair_fl.models.params import trainable_state
 from flair_fl.modes.federated import run_experiment
 from tests.helpers import CONF_DIR, compose_config

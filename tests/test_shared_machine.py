@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from flair_fl.federated import ray_node
-from flair_fl.federated.server_app import last_line
+from flair_fl.federated.exchange import last_line
 from flair_fl.loggers.console import ConsoleProgress
 from flair_fl.services.log_format import PlainFormatter
 

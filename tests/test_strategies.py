@@ -5,54 +5,80 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord
-from flwr.serverapp.strategy import FedAdagrad, FedAvg, FedAvgM, FedYogi
-
-from flair_fl.federated.schedule import ScheduledServerLR, ServerLRSchedule
-from flair_fl.federated.strategies import (
-    SCAFFOLD_C_PREFIX,
-    SCAFFOLD_DC_PREFIX,
-    Scaffold,
-    ServerOptimizer,
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
 )
-from tests.flower_messages import arrays, reply
+
+from flair_fl.algorithms.fedopt import ServerOptimizer
+from flair_fl.algorithms.fedprox import AdaFedProx
+from flair_fl.algorithms.scaffold import SCAFFOLD_C_PREFIX, SCAFFOLD_DC_PREFIX, Scaffold
+from flair_fl.errors import ConfigError
+from flair_fl.federated.contract import ServerStrategy, server_strategy
+from flair_fl.federated.schedule import ScheduledServerLR, ServerLRSchedule
+from tests.fake_grid import record, reply_content, run_round
 
 X = {"w": np.array([1.0, -2.0, 0.5], dtype=np.float32)}
 CLIENTS = [np.array([0.8, -1.5, 0.5]), np.array([1.1, -2.5, 0.0]), np.array([0.9, -2.0, 1.0])]
 
 
-class _Grid:
-    """configure_train only asks the grid for node ids."""
-
-    def get_node_ids(self) -> list[int]:
-        return [1]
-
-
 def _round(
-    strategy,
+    strategy: object,
     server_round: int = 1,
     x: dict[str, np.ndarray] = X,
     clients: list[np.ndarray] = CLIENTS,
 ) -> dict[str, np.ndarray]:
-    list(strategy.configure_train(server_round, arrays(x), ConfigRecord(), _Grid()))
-    new, _ = strategy.aggregate_train(server_round, [reply({"w": c}) for c in clients])
+    contract = strategy if isinstance(strategy, ServerStrategy) else server_strategy(strategy)
+    new = run_round(contract, [reply_content({"w": c}) for c in clients], x, server_round)
+    assert new is not None
     return {k: v.numpy() for k, v in new.items()}
 
 
 def _kwargs(key: str = "uniform-weight") -> dict[str, object]:
-    return {"weighted_by_key": key, "min_available_nodes": 1, "min_train_nodes": 1}
+    return {"weighted_by_key": key}
 
 
 def test_fedavg_uniform_and_example_weighting() -> None:
     uniform = _round(FedAvg(**_kwargs()))["w"]
     assert uniform == pytest.approx(np.mean(CLIENTS, axis=0), abs=1e-6)
 
-    strategy = FedAvg(**_kwargs("num-examples"))
-    list(strategy.configure_train(1, arrays(X), ConfigRecord(), _Grid()))
-    replies = [reply({"w": c}, num_examples=n) for c, n in zip(CLIENTS, (1, 2, 7), strict=True)]
-    weighted, _ = strategy.aggregate_train(1, replies)
+    strategy = server_strategy(FedAvg(**_kwargs("num-examples")))
+    replies = [
+        reply_content({"w": c}, num_examples=n) for c, n in zip(CLIENTS, (1, 2, 7), strict=True)
+    ]
+    weighted = run_round(strategy, replies, X)
+    assert weighted is not None
     expected = (CLIENTS[0] * 1 + CLIENTS[1] * 2 + CLIENTS[2] * 7) / 10
     assert weighted["w"].numpy() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("robust", [FedMedian, FedTrimmedAvg, Krum])
+def test_non_mean_flower_strategies_are_refused_in_one_line(robust: type) -> None:
+    # The loop folds every update into a mean: a median would silently become FedAvg.
+    with pytest.raises(ConfigError, match=rf"{robust.__name__} does not aggregate a mean") as err:
+        server_strategy(robust())
+    assert "\n" not in str(err.value)
+
+
+def test_payload_and_server_lr_through_the_contract() -> None:
+    prox = server_strategy(FedProx(proximal_mu=0.3))
+    payload, config = prox.payload(4, record(X), {"seed": 1})
+    assert config["proximal-mu"] == 0.3 and config["server-round"] == 4
+    assert np.array_equal(payload["w"].numpy(), X["w"])
+    assert prox.server_lr is None and prox.state_dict() == {}
+    ada = AdaFedProx(proximal_mu=0.0)
+    ada.proximal_mu = 0.2  # as AdaptiveMu sets it between rounds
+    assert ada.payload(1, record(X), {})[1] == {"proximal-mu": 0.2}
+    avgm = FedAvgM(server_learning_rate=1.0, server_momentum=0.0)
+    contract = server_strategy(avgm)
+    contract.server_lr = 0.5
+    assert avgm.server_learning_rate == 0.5 and avgm.server_opt  # FedAvgM steps again
 
 
 def test_fedadam_is_torch_adam_on_the_pseudo_gradient_by_hand() -> None:
@@ -92,16 +118,17 @@ def test_flower_fedyogi_fedadagrad_fedavgm_one_round_by_hand() -> None:
 
 def test_scaffold_server_updates_weights_and_control_variate() -> None:
     strategy = Scaffold(population_size=10, lr=0.5, **_kwargs())
-    sent = list(strategy.configure_train(1, arrays(X), ConfigRecord(), _Grid()))
-    payload = sent[0].content.array_records["arrays"]
+    payload, config = strategy.payload(1, record(X), {})
     assert set(payload) == {"w", SCAFFOLD_C_PREFIX + "w"}
-    assert sent[0].content.config_records["config"]["scaffold"] is True
+    assert config["scaffold"] is True
     deltas = [np.array([0.1, 0.0, -0.2]), np.array([0.3, 0.1, 0.0]), np.array([-0.1, 0.2, 0.2])]
     replies = [
-        reply({"w": c, SCAFFOLD_DC_PREFIX + "w": d}) for c, d in zip(CLIENTS, deltas, strict=True)
+        reply_content({"w": c}, **{SCAFFOLD_DC_PREFIX + "w": d})
+        for c, d in zip(CLIENTS, deltas, strict=True)
     ]
 
-    new, _ = strategy.aggregate_train(1, replies)
+    new = run_round(strategy, replies, X)
+    assert new is not None
 
     assert new["w"].numpy() == pytest.approx(
         X["w"] + 0.5 * (np.mean(CLIENTS, axis=0) - X["w"]), abs=1e-6
@@ -122,8 +149,8 @@ def test_warmup_decay_schedule_values_and_server_lr_applied() -> None:
     assert ServerLRSchedule(num_rounds=10).lr(7, 1.0) == 1.0
 
     strategy = FedYogi(eta=0.2, **_kwargs())
-    scheduled = ScheduledServerLR(strategy, schedule)
+    scheduled = ScheduledServerLR(server_strategy(strategy), schedule)
     scheduled.before_round(15)
     assert strategy.eta == pytest.approx(0.1)
-    with pytest.raises(ValueError, match=r"server_lr_schedule\.kind='warmup_decay'"):
-        ScheduledServerLR(FedAvg(**_kwargs()), schedule)
+    with pytest.raises(ValueError, match=r"server_lr_schedule\.kind='warmup_decay': FedAvg has"):
+        ScheduledServerLR(server_strategy(FedAvg(**_kwargs())), schedule)

@@ -11,7 +11,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from flair_fl.federated.protocol import Layout, flatten_record
-from flair_fl.federated.server_app import is_measurement
+from flair_fl.federated.round import is_measurement
 from flair_fl.federated.transport import SharedTransport, map_flat, write_flat
 from flair_fl.modes.federated import run_experiment
 from tests.helpers import compose_config

@@ -17,17 +17,17 @@ from flwr.serverapp.strategy import FedAvgM, FedYogi
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from flair_fl.algorithms.fedopt import ServerOptimizer
+from flair_fl.algorithms.scaffold import Scaffold
 from flair_fl.artifacts.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
-    load_strategy_state,
     save_checkpoint,
-    strategy_state,
 )
 from flair_fl.artifacts.resume import _compose, _group_options
 from flair_fl.artifacts.resume_overrides import merge_resume_overrides
 from flair_fl.errors import ConfigError
-from flair_fl.federated.strategies import Scaffold, ServerOptimizer
+from flair_fl.federated.contract import ServerStrategy, server_strategy
 from flair_fl.federated.user_state import UserStateStore, state_file_name
 from flair_fl.models.resnet import resnet18_pretrained
 from tests.helpers import CONF_DIR
@@ -120,7 +120,7 @@ def _array_record(value: float) -> ArrayRecord:
     return ArrayRecord({"w": Array(np.full((2, 3), value, dtype=np.float32))})
 
 
-def _stateful_strategies() -> dict[str, object]:
+def _stateful_strategies() -> dict[str, ServerStrategy]:
     """Each kind of server state a checkpoint holds, as the strategies hold it mid-run."""
     yogi = FedYogi()
     yogi.m_t = {"w": np.full((2, 3), 0.5, dtype=np.float32)}
@@ -136,16 +136,21 @@ def _stateful_strategies() -> dict[str, object]:
     adam.optimizer = torch.optim.Adam(list(adam.params.values()), lr=0.1)
     adam.params["w"].grad = torch.full((2, 3), 0.3)
     adam.optimizer.step()
-    return {"fedyogi": yogi, "fedavgm": avgm, "scaffold": scaffold, "fedadam": adam}
+    return {
+        "fedyogi": server_strategy(yogi),
+        "fedavgm": server_strategy(avgm),
+        "scaffold": scaffold,
+        "fedadam": adam,
+    }
 
 
 def test_every_strategy_state_round_trips_through_a_weights_only_checkpoint(
     tmp_path: Path,
 ) -> None:
     # Prepare
-    fresh = {
-        "fedyogi": FedYogi(),
-        "fedavgm": FedAvgM(),
+    fresh: dict[str, ServerStrategy] = {
+        "fedyogi": server_strategy(FedYogi()),
+        "fedavgm": server_strategy(FedAvgM()),
         "scaffold": Scaffold(10),
         "fedadam": ServerOptimizer(torch.optim.Adam, lr=0.1),
     }
@@ -153,7 +158,7 @@ def test_every_strategy_state_round_trips_through_a_weights_only_checkpoint(
         state = {
             "round": 3,
             "arrays": {"w": torch.ones(2, 3)},
-            "strategy": strategy_state(strategy),
+            "strategy": strategy.state_dict(),
             "privacy": {"history": {1: {"clip_norm": np.float64(0.5), "received": np.int64(4)}}},
             "tracker": {
                 "best": {"round": 2, "val_macro_ap": np.float32(0.25)},
@@ -168,11 +173,11 @@ def test_every_strategy_state_round_trips_through_a_weights_only_checkpoint(
         # Execute
         torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)  # loads as data alone
         loaded = load_checkpoint(tmp_path)
-        load_strategy_state(fresh[name], loaded["strategy"])
+        fresh[name].load_state_dict(loaded["strategy"])
 
         # Assert: the restored strategy holds what the original did, of the same types
-        for key, value in strategy_state(strategy).items():
-            got = strategy_state(fresh[name])[key]
+        for key, value in strategy.state_dict().items():
+            got = fresh[name].state_dict()[key]
             assert type(got) is type(value), (name, key)
             if isinstance(value, ArrayRecord):
                 assert np.array_equal(got["w"].numpy(), value["w"].numpy())

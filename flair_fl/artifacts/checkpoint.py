@@ -1,11 +1,11 @@
 """Checkpoints and exact resume.
 
 A checkpoint holds everything a run needs to continue as if never stopped: the global
-weights, the server strategy's state (optimizer moments, momentum, SCAFFOLD's control
-variate), the privacy mechanism's state (clip norm, accountant progress), the best-val
-bookkeeping and the config. Client-side RNGs need no saving: every draw derives from
-(seed, round, user). Files are written to a temporary name and renamed, so a kill during a
-write leaves the previous checkpoint intact.
+weights, the server strategy's `state_dict()` (federated/contract.py: optimizer moments,
+momentum, SCAFFOLD's control variate), the privacy mechanism's state (clip norm,
+accountant progress), the best-val bookkeeping and the config. Client-side RNGs need no
+saving: every draw derives from (seed, round, user). Files are written to a temporary name
+and renamed, so a kill during a write leaves the previous checkpoint intact.
 
 A checkpoint is data, never code: it holds tensors and plain values only
 (flair_fl.artifacts.safe_load) and is loaded with `torch.load(weights_only=True)`, so a
@@ -18,13 +18,11 @@ import io
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from flair_fl.artifacts.durable import write_atomically
 from flair_fl.artifacts.safe_load import from_plain, load_plain, to_plain
 from flair_fl.errors import ConfigError
-from flair_fl.federated.strategies import Scaffold, ServerOptimizer
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # Keys that may differ between a run and its resumption (they do not change results).
@@ -51,7 +49,6 @@ CHECKPOINT_KEYS = {
     "initial_val": dict,
     "config": dict,
 }
-_STRATEGY_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "control", "current_arrays")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -66,38 +63,6 @@ def atomic_save(obj: Any, path: Path) -> None:
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Save a checkpoint (tensors and plain values; numpy and ArrayRecords tagged)."""
     atomic_save(to_plain(state, "checkpoint"), path)
-
-
-def strategy_state(strategy: Any) -> dict[str, Any]:
-    """The mutable state of a (Flower or our) server strategy."""
-    state: dict[str, Any] = {
-        k: getattr(strategy, k)
-        for k in _STRATEGY_ATTRIBUTES
-        if getattr(strategy, k, None) is not None
-    }
-    if isinstance(strategy, ServerOptimizer) and strategy.params is not None:
-        assert strategy.optimizer is not None
-        state["server_optimizer"] = {
-            "params": {k: p.detach().clone() for k, p in strategy.params.items()},
-            "optimizer": strategy.optimizer.state_dict(),
-        }
-    return state
-
-
-def load_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
-    """Restore what `strategy_state` saved."""
-    for key in _STRATEGY_ATTRIBUTES:
-        if key in state:
-            setattr(strategy, key, state[key])
-    saved = state.get("server_optimizer")
-    if saved is not None and isinstance(strategy, ServerOptimizer):
-        strategy.params = {k: torch.nn.Parameter(v.clone()) for k, v in saved["params"].items()}
-        strategy.optimizer = strategy.optimizer_factory(
-            list(strategy.params.values()), lr=strategy.lr
-        )
-        strategy.optimizer.load_state_dict(saved["optimizer"])
-    if isinstance(strategy, Scaffold) and "control" in state:
-        strategy.control = {k: np.asarray(v) for k, v in state["control"].items()}
 
 
 def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
@@ -135,6 +100,9 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 MOVED_TARGETS = {
     "flair_fl.experiment.run_experiment": "flair_fl.modes.federated.run_experiment",
     "flair_fl.central.run_central": "flair_fl.modes.centralized.run_central",
+    "flair_fl.federated.strategies.ServerOptimizer": "flair_fl.algorithms.fedopt.ServerOptimizer",
+    "flair_fl.federated.strategies.AdaFedProx": "flair_fl.algorithms.fedprox.AdaFedProx",
+    "flair_fl.federated.strategies.Scaffold": "flair_fl.algorithms.scaffold.Scaffold",
 }
 
 

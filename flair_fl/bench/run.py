@@ -21,7 +21,7 @@ from flair_fl.bench.reference import run_reference
 from flair_fl.bench.workload import Workload
 from flair_fl.services.memory import reset_peak_rss
 
-# Per-round keys of a flair-fl run (server_app.run_rounds) and what the report calls them.
+# Per-round keys of a flair-fl run (federated/round.run_rounds) and what the report calls them.
 BREAKDOWN = {
     "time_sample_s": "sampling",
     "time_send_s": "transport out (driver)",

@@ -1,15 +1,12 @@
-"""Server learning-rate schedules, for any strategy that has a server learning rate."""
+"""Server learning-rate schedules, for any strategy that has a server learning rate
+(`server_lr` of the strategy contract, federated/contract.py)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
-from flwr.serverapp.strategy import FedAvgM
-from flwr.serverapp.strategy.fedopt import FedOpt
-
-from flair_fl.federated.strategies import Scaffold, ServerOptimizer
+from flair_fl.federated.contract import ServerStrategy, strategy_name
 
 log = logging.getLogger(__name__)
 PFL_POLYNOMIAL = "polynomial_decay_with_warmup"
@@ -101,28 +98,19 @@ class ServerLRSchedule:
         return (peak - self.lr_end) * remaining**self.power + self.lr_end
 
 
-def _lr_attribute(strategy: Any) -> str | None:
-    if isinstance(strategy, ServerOptimizer | Scaffold):
-        return "lr"
-    if isinstance(strategy, FedOpt):
-        return "eta"
-    if isinstance(strategy, FedAvgM):
-        return "server_learning_rate"
-    return None
-
-
 class ScheduledServerLR:
     """Sets the strategy's server learning rate before each round."""
 
-    def __init__(self, strategy: Any, schedule: ServerLRSchedule):
-        self.attribute = _lr_attribute(strategy)
-        if self.attribute is None and schedule.kind != "constant":
+    def __init__(self, strategy: ServerStrategy, schedule: ServerLRSchedule):
+        peak = strategy.server_lr
+        if peak is None and schedule.kind != "constant":
             raise ValueError(
-                f"server_lr_schedule.kind={schedule.kind!r}: {type(strategy).__name__} has no "
+                f"server_lr_schedule.kind={schedule.kind!r}: {strategy_name(strategy)} has no "
                 "server learning rate (use fedavgm, fedadam, fedyogi, fedadagrad or scaffold)"
             )
         self.strategy, self.schedule = strategy, schedule
-        self.peak = float(getattr(strategy, self.attribute)) if self.attribute else 1.0
+        self.has_lr = peak is not None
+        self.peak = float(peak) if peak is not None else 1.0
         schedule.check_peak(self.peak)
         if schedule.kind != "constant" and schedule.num_rounds < schedule.peak_round:
             log.warning(
@@ -139,10 +127,8 @@ class ScheduledServerLR:
 
     def before_round(self, server_round: int) -> float | None:
         """Set round `server_round`'s lr; returns it (None: the strategy has no server lr)."""
-        if self.attribute is None:
+        if not self.has_lr:
             return None
         lr = self.lr(server_round)
-        setattr(self.strategy, self.attribute, lr)
-        if isinstance(self.strategy, FedAvgM):
-            self.strategy.server_opt = True  # FedAvgM skips its update when lr == 1, mu == 0
+        self.strategy.server_lr = lr
         return lr

@@ -27,7 +27,7 @@ from flwr.serverapp import ServerApp
 
 from flair_fl.errors import ClientActorDied, ClientStopped, ClientTimeout
 from flair_fl.federated import ray_node
-from flair_fl.federated.server_app import LoopOutcome
+from flair_fl.federated.round import LoopOutcome
 from flair_fl.services import stopping
 
 log = logging.getLogger(__name__)

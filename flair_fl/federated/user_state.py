@@ -16,8 +16,8 @@ from urllib.parse import quote
 
 import torch
 
+from flair_fl.algorithms.scaffold import SCAFFOLD_C_PREFIX, SCAFFOLD_DC_PREFIX
 from flair_fl.artifacts.safe_load import load_state_dict_file
-from flair_fl.federated.strategies import SCAFFOLD_C_PREFIX, SCAFFOLD_DC_PREFIX
 
 State = dict[str, torch.Tensor]
 MAX_NAME = 200  # bytes of an escaped id kept as the file name (file systems allow 255)

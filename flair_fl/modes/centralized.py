@@ -25,7 +25,7 @@ from flair_fl.data.augment import TrainAugment
 from flair_fl.data.hdf5 import FlairReader, LabelSet
 from flair_fl.data.source import FederatedData, check_label
 from flair_fl.errors import ConfigError
-from flair_fl.federated.server_app import LoopOutcome
+from flair_fl.federated.round import LoopOutcome
 from flair_fl.models.params import trainable_state
 from flair_fl.modes.config_checks import validate_run_config
 from flair_fl.modes.driver import (

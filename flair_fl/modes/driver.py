@@ -22,13 +22,13 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from flair_fl.algorithms.fedprox import AdaptiveMu
 from flair_fl.artifacts.checkpoint import atomic_save
 from flair_fl.artifacts.durable import write_atomically
 from flair_fl.artifacts.run_dir import RESULTS_NAME
 from flair_fl.errors import ConfigError, FlairFormatError, RunStopped
-from flair_fl.federated.adaptive_mu import AdaptiveMu
 from flair_fl.federated.protocol import METRICS_KEY, metric_state_from_record
-from flair_fl.federated.server_app import LoopOutcome
+from flair_fl.federated.round import LoopOutcome
 from flair_fl.learning.evaluator import CentralEvaluator
 from flair_fl.learning.metrics import MetricState
 from flair_fl.loggers import LoggerErrors, RunLogger, SafeLogger, start_logger

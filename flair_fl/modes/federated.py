@@ -18,25 +18,25 @@ import torch
 from flwr.app import ArrayRecord
 from omegaconf import DictConfig, OmegaConf
 
+from flair_fl.algorithms.fedprox import AdaFedProx, AdaptiveMu
 from flair_fl.artifacts.checkpoint import (
     CHECKPOINT_NAME,
     differing_keys,
     load_checkpoint,
-    load_strategy_state,
     save_checkpoint,
-    strategy_state,
 )
 from flair_fl.artifacts.durable import write_atomically
 from flair_fl.artifacts.run_dir import report_finished
 from flair_fl.data.source import FederatedData, check_label
 from flair_fl.errors import ConfigError, NoRoundTrained, TrainingDiverged
-from flair_fl.federated.adaptive_mu import AdaptiveMu
 from flair_fl.federated.client_app import ClientSpec, make_client_app
+from flair_fl.federated.contract import ServerStrategy, server_strategy
 from flair_fl.federated.faults import FaultSpec
 from flair_fl.federated.protocol import EXAMPLES_WEIGHT_KEY, UNIFORM_WEIGHT_KEY
+from flair_fl.federated.round import LoopOutcome, RoundPlan
 from flair_fl.federated.sampling import CohortSampler, Sampler, WithReplacementSampler
 from flair_fl.federated.schedule import ScheduledServerLR, ServerLRSchedule
-from flair_fl.federated.server_app import LoopOutcome, RoundPlan, make_server_app
+from flair_fl.federated.server_app import make_server_app
 from flair_fl.federated.simulation import run_simulation
 from flair_fl.federated.transport import make_transport
 from flair_fl.learning.evaluator import overlap_enabled
@@ -63,22 +63,20 @@ WEIGHT_KEYS = {"uniform": UNIFORM_WEIGHT_KEY, "examples": EXAMPLES_WEIGHT_KEY}
 
 
 def _build_strategy(
-    cfg: DictConfig, privacy: Privacy, context: PrivacyContext
-) -> tuple[Any, ScheduledServerLR]:
-    """The configured server strategy (privacy applied) and its server-lr schedule."""
+    cfg: DictConfig, context: PrivacyContext
+) -> tuple[ServerStrategy, ScheduledServerLR]:
+    """The configured server strategy (as the round's contract) and its server-lr schedule.
+
+    Privacy is not applied to it: it runs as the round's stages (privacy.round_stages)."""
     extra = (
         {"population_size": context.population_size}
         if "population_size" in (cfg.strategy.server)
         else {}
     )
-    strategy = build(
-        cfg.strategy.server,
-        "strategy.server",
-        fraction_train=1e-9,  # the strategy's own node sampling is replaced by ours
-        min_train_nodes=1,
-        min_available_nodes=cfg.simulation.num_supernodes,
-        weighted_by_key=context.weighted_by_key,
-        **extra,
+    strategy = server_strategy(
+        build(
+            cfg.strategy.server, "strategy.server", weighted_by_key=context.weighted_by_key, **extra
+        )
     )
     try:
         schedule = ScheduledServerLR(
@@ -86,10 +84,12 @@ def _build_strategy(
         )
     except (ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
-    return privacy.wrap(strategy, context), schedule
+    return strategy, schedule
 
 
-def _adaptive_mu(cfg: DictConfig, strategy: Any) -> AdaptiveMu:
+def _adaptive_mu(cfg: DictConfig, strategy: ServerStrategy) -> AdaptiveMu:
+    if not isinstance(strategy, AdaFedProx):
+        raise ConfigError("strategy.adaptive_mu: only strategy=adafedprox adapts its mu")
     try:
         return AdaptiveMu(strategy, **cfg.strategy.adaptive_mu)
     except (ValueError, TypeError) as err:
@@ -176,7 +176,8 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         seed=cfg.seed,
         weighted_by_key=WEIGHT_KEYS[cfg.aggregation],
     )
-    strategy, lr_schedule = _build_strategy(cfg, privacy, context)
+    strategy, lr_schedule = _build_strategy(cfg, context)
+    round_privacy = privacy.round_stages(context)
     _report_privacy(privacy, out)
 
     torch.manual_seed(derive_seed(cfg.seed, "model-init"))
@@ -186,7 +187,7 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     initial = ArrayRecord(trainable_state(model))
     if checkpoint:
         initial = ArrayRecord(checkpoint["arrays"])
-        load_strategy_state(lr_schedule.strategy, checkpoint["strategy"])
+        strategy.load_state_dict(checkpoint["strategy"])
         privacy.load_state_dict(checkpoint["privacy"])
     device = device_for(cfg.device)
     evaluator = central_evaluator(cfg, model, data, device)
@@ -218,10 +219,10 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     )
     tracker.started = started
     if "adaptive_mu" in cfg.strategy:  # strategy=adafedprox
-        tracker.adaptive_mu = _adaptive_mu(cfg, lr_schedule.strategy)
+        tracker.adaptive_mu = _adaptive_mu(cfg, strategy)
         if not checkpoint:
             tracker.adaptive_mu.observe(0, initial_val)  # the untrained model's val loss
-    tracker.checkpoint = _Checkpointer(cfg, out, lr_schedule.strategy, privacy, tracker)
+    tracker.checkpoint = _Checkpointer(cfg, out, strategy, privacy, tracker)
     start_round = 1
     if checkpoint:
         start_round = checkpoint["round"] + 1
@@ -235,7 +236,14 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     # Until a round is done, the model is the one the run starts from (the checkpoint's).
     outcome = LoopOutcome(arrays=initial, rounds_done=start_round - 1)
     server_app = make_server_app(
-        strategy, initial, plan, tracker.on_round, outcome, tracker.on_fed_eval, start_round
+        strategy,
+        round_privacy,
+        initial,
+        plan,
+        tracker.on_round,
+        outcome,
+        tracker.on_fed_eval,
+        start_round,
     )
     client_app = make_client_app(client_spec(cfg, data, privacy, out))
     backend = cast(dict[str, Any], OmegaConf.to_container(cfg.simulation.backend, resolve=True))
@@ -297,7 +305,12 @@ class _Checkpointer:
     """
 
     def __init__(
-        self, cfg: DictConfig, out: Path, strategy: Any, privacy: Privacy, tracker: RoundTracker
+        self,
+        cfg: DictConfig,
+        out: Path,
+        strategy: ServerStrategy,
+        privacy: Privacy,
+        tracker: RoundTracker,
     ):
         self.config = _container(cfg)
         self.config.pop("resume", None)
@@ -307,7 +320,7 @@ class _Checkpointer:
         state = {
             "round": server_round,
             "arrays": dict(arrays.to_torch_state_dict()),
-            "strategy": copy.deepcopy(strategy_state(self.strategy)),
+            "strategy": copy.deepcopy(self.strategy.state_dict()),
             "privacy": copy.deepcopy(self.privacy.state_dict()),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
         }

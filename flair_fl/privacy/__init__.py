@@ -1,7 +1,9 @@
 """Differential privacy, as one swappable config node (`privacy=...`).
 
-Every privacy option implements `Privacy`. `privacy=none` is the null object `NoPrivacy`:
-it returns the strategy unchanged, asks nothing of clients and never stops a run.
+Every privacy option implements `Privacy`; what it does in a round it does as the round's
+stages (`round_stages`, privacy/stages.py), which the round loop runs around its fold:
+strategies know nothing of privacy. `privacy=none` is the null object `NoPrivacy`: its
+stages are the plain mean, it asks nothing of clients and never stops a run.
 `privacy=dp` / `dp_adaptive`: `central.CentralDP` (user-level, on the server);
 `privacy=dp_sgd`: `local.LocalDPSGD` (sample-level DP-SGD on each client, Opacus).
 Submodules are not imported here: they pull in Opacus, which only DP runs need; Flower
@@ -15,8 +17,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from flwr.serverapp.strategy import Strategy
     from torch import nn
+
+    from flair_fl.privacy.stages import RoundPrivacy
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,8 @@ class PrivacyContext:
 class Privacy(Protocol):
     """The interface the experiment uses; see NoPrivacy for the trivial case."""
 
-    def wrap(self, strategy: Strategy, context: PrivacyContext) -> Strategy:
-        """Return the strategy with server-side DP applied (or unchanged)."""
+    def round_stages(self, context: PrivacyContext) -> RoundPrivacy:
+        """The stages the round loop runs (calibrated for `context`; built once)."""
         ...
 
     def client_settings(self) -> dict[str, Any] | None:
@@ -73,8 +76,10 @@ class Privacy(Protocol):
 class NoPrivacy:
     """No differential privacy: the strategy runs unchanged."""
 
-    def wrap(self, strategy: Strategy, context: PrivacyContext) -> Strategy:
-        return strategy
+    def round_stages(self, context: PrivacyContext) -> RoundPrivacy:
+        from flair_fl.privacy.stages import PlainMean  # numpy, Flower: only runs need them
+
+        return PlainMean()
 
     def client_settings(self) -> dict[str, Any] | None:
         return None

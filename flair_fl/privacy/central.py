@@ -9,7 +9,7 @@ the planned rounds at sampling rate q = cohort / population. Two reference setup
 - ml-flair: adaptive clipping (Andrew et al. 2021), population = the train users,
   delta = 1 / n^1.1.
 
-The clipping and noising happen in `CentralDPStrategy`; this object owns the settings,
+The clipping and noising happen in `CentralDPStages`; this object owns the settings,
 the accountant's figures, the per-round metrics and the budget stop.
 """
 
@@ -20,7 +20,6 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from flair_fl.errors import ConfigError
@@ -34,13 +33,13 @@ from flair_fl.privacy.accounting import (
     update_noise_multiplier,
 )
 from flair_fl.privacy.bmf_accounting import participation
-from flair_fl.privacy.clipping import QuantileClipNorm
-from flair_fl.privacy.dp_strategy import (
-    CentralDPStrategy,
+from flair_fl.privacy.central_stages import (
+    CentralDPStages,
     CorrelatedNoise,
     NoiseSettings,
     RoundStats,
 )
+from flair_fl.privacy.clipping import QuantileClipNorm
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ class AdaptiveClipping:
 
 @dataclass(frozen=True)
 class Calibration:
-    """The numbers the mechanism runs with, fixed when the strategy is wrapped."""
+    """The numbers the mechanism runs with, fixed when the round stages are built."""
 
     cohort_size: int  # users sampled per round in this run
     noise_cohort_size: int  # cohort the noise is calibrated for (= cohort unless simulating)
@@ -131,7 +130,7 @@ class CentralDP:
         self.noise_cohort_size, self.population_size = noise_cohort_size, population_size
         self.adaptive, self.secure_noise = adaptive, secure_noise
         self.calibration: Calibration | None = None
-        self.strategy: CentralDPStrategy | None = None
+        self.stages: CentralDPStages | None = None
         self.curve: EpsilonCurve | None = None
 
     def calibrate(self, context: PrivacyContext) -> Calibration:
@@ -199,8 +198,8 @@ class CentralDP:
             simulated=(noise_cohort, population) != (context.cohort_size, context.population_size),
         )
 
-    def wrap(self, strategy: Strategy, context: PrivacyContext) -> Strategy:
-        """Refuse example weighting, calibrate, and wrap `strategy` in `CentralDPStrategy`."""
+    def round_stages(self, context: PrivacyContext) -> CentralDPStages:
+        """Refuse example weighting, calibrate; the round's clip and noise stages."""
         if context.weighted_by_key != UNIFORM_WEIGHT_KEY:
             raise ConfigError(
                 f"aggregation: central DP needs aggregation=uniform (got weighting key "
@@ -229,10 +228,10 @@ class CentralDP:
         self.curve = EpsilonCurve(
             cal.noise_multiplier, rate, cal.delta, self.accountant, cal.rounds, self.min_separation
         )
-        self.strategy = CentralDPStrategy(
-            strategy, noise, self.clip_norm, adaptive, self.correlated_noise(cal.rounds)
+        self.stages = CentralDPStages(
+            noise, self.clip_norm, adaptive, self.correlated_noise(cal.rounds)
         )
-        return self.strategy
+        return self.stages
 
     min_separation = 1  # rounds between a user's participations the accounting assumes
 
@@ -251,14 +250,14 @@ class CentralDP:
         return None  # any model: only its trainable parameters are clipped
 
     def epsilon_after(self, rounds: int) -> float:
-        """Epsilon spent after `rounds` rounds (at the delta in use); NaN before wrap."""
+        """Epsilon spent after `rounds` rounds (at the delta in use); NaN before round_stages."""
         return self.curve(rounds) if self.curve is not None else float("nan")
 
     def round_metrics(self, server_round: int) -> dict[str, float]:
-        if self.strategy is None:
+        if self.stages is None:
             return {}
         nan = float("nan")
-        stats = self.strategy.history.get(server_round)
+        stats = self.stages.history.get(server_round)
         metrics = {
             "dp_epsilon": self.epsilon_after(server_round),
             "dp_clip_norm": stats.clip_norm if stats else nan,
@@ -291,32 +290,30 @@ class CentralDP:
         Epsilon is a function of the round number and the noise is drawn from (seed,
         round) or, with secure noise, afresh: nothing else changes from round to round.
         """
-        if self.strategy is None or self.calibration is None:
+        if self.stages is None or self.calibration is None:
             return {}
         return {
             "noise_multiplier": self.calibration.noise_multiplier,
-            "clip_norm": self.strategy.clip_norm,
-            "history": {r: asdict(stats) for r, stats in self.strategy.history.items()},
+            "clip_norm": self.stages.clip_norm,
+            "history": {r: asdict(stats) for r, stats in self.stages.history.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()` after `wrap`; refuses a changed noise calibration."""
+        """Restore `state_dict()` after `round_stages`; refuses a changed noise calibration."""
         if not state:
             return
-        if self.strategy is None or self.calibration is None:
-            raise RuntimeError("wrap the strategy before loading the privacy state")
+        if self.stages is None or self.calibration is None:
+            raise RuntimeError("build the round stages before loading the privacy state")
         if not math.isclose(state["noise_multiplier"], self.calibration.noise_multiplier):
             raise ConfigError(
                 "resume: the privacy settings changed (noise multiplier "
                 f"{state['noise_multiplier']:.6g} -> {self.calibration.noise_multiplier:.6g}); "
                 "the rounds already run were accounted with the old one"
             )
-        self.strategy.clip_norm = float(state["clip_norm"])
-        if self.strategy.adaptive is not None:
-            self.strategy.adaptive.clip_norm = self.strategy.clip_norm
-        self.strategy.history = {
-            int(r): RoundStats(**stats) for r, stats in state["history"].items()
-        }
+        self.stages.clip_norm = float(state["clip_norm"])
+        if self.stages.adaptive is not None:
+            self.stages.adaptive.clip_norm = self.stages.clip_norm
+        self.stages.history = {int(r): RoundStats(**stats) for r, stats in state["history"].items()}
 
     def describe(self) -> dict[str, Any]:
         settings: dict[str, Any] = {

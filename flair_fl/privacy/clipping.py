@@ -1,4 +1,4 @@
-"""Adaptive clip norm for central DP (clipping and summing itself: federated/reduce.py)."""
+"""Adaptive clip norm for central DP (the clipping itself: privacy/clip.py)."""
 
 from __future__ import annotations
 

@@ -11,28 +11,27 @@ from __future__ import annotations
 from typing import Any
 
 from flwr.app import Message
-from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from flair_fl.errors import ConfigError
 from flair_fl.federated.protocol import EXAMPLES_WEIGHT_KEY, META_KEY
-from flair_fl.federated.wrapper import DelegatingStrategy
 from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.accounting import SampleLevelLedger
 from flair_fl.privacy.dp_sgd import DPSGDSettings, poisson_sample_rate
 from flair_fl.privacy.opacus_models import require_dp_sgd_compatible
+from flair_fl.privacy.stages import PlainMean
 
 
-class LedgerStrategy(DelegatingStrategy):
-    """Passes everything to the wrapped strategy; records each reply in the DP-SGD ledger."""
+class LedgerStage(PlainMean):
+    """The plain mean (DP-SGD's outputs need nothing more); after each round it records
+    every accepted user's DP-SGD run in the ledger."""
 
-    def __init__(self, strategy: Strategy, privacy: LocalDPSGD):
-        super().__init__(strategy)
+    def __init__(self, privacy: LocalDPSGD):
         self.privacy = privacy
 
-    def observe_replies(self, server_round: int, replies: list[Message]) -> None:
-        """Account each accepted user's DP-SGD run (the round loop calls this per round)."""
-        self.privacy.record(server_round, [r for r in replies if not r.has_error()])
+    def after_round(self, server_round: int, accepted: list[Message]) -> None:
+        """Account each accepted user's DP-SGD run."""
+        self.privacy.record(server_round, [r for r in accepted if not r.has_error()])
 
 
 class LocalDPSGD:
@@ -60,9 +59,9 @@ class LocalDPSGD:
         self.round_worst: dict[int, float] = {}
         self.rounds: int | None = None
 
-    def wrap(self, strategy: Strategy, context: PrivacyContext) -> Strategy:
+    def round_stages(self, context: PrivacyContext) -> LedgerStage:
         self.rounds = context.num_rounds
-        return LedgerStrategy(strategy, self)
+        return LedgerStage(self)
 
     def client_settings(self) -> dict[str, Any] | None:
         return dict(self.settings.__dict__)

@@ -1,4 +1,7 @@
-"""AdaFedProx: FedProx whose proximal weight mu follows a central validation metric.
+"""AdaFedProx (`strategy=adafedprox`): FedProx whose proximal weight mu follows a central
+validation metric. The server sends mu with every round (`proximal-mu`); clients add
+mu/2 ||w - w_global||^2 to their loss (learning/local_training.py). Plain FedProx
+(`strategy=fedprox`) is Flower's, through the contract's adapter.
 
 The rule is pfl-research's `AdaptMuOnMetricCallback` (after Li et al. 2020, "Federated
 Optimization in Heterogeneous Networks", appendix C.3.3). Every `every` rounds the central
@@ -21,14 +24,44 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from flwr.app import ArrayRecord
+
+from flair_fl.federated.protocol import PROXIMAL_MU_KEY
+
 METRICS = ("val_loss",)  # central val metrics where lower is better
+
+
+class AdaFedProx:
+    """FedProx for an adapted mu: the server step is the mean itself (FedAvg); the payload
+    carries this round's mu. Starting at mu = 0 is meant here (pfl-research's FLAIR
+    setting)."""
+
+    server_lr: float | None = None  # FedAvg's step has no learning rate
+
+    def __init__(self, proximal_mu: float = 0.0, weighted_by_key: str = "uniform-weight"):
+        self.proximal_mu, self.weight_key = proximal_mu, weighted_by_key
+
+    def payload(
+        self, server_round: int, arrays: ArrayRecord, config: dict[str, Any]
+    ) -> tuple[ArrayRecord, dict[str, Any]]:
+        """The weights, and this round's mu for the clients' proximal term."""
+        return arrays, {**config, PROXIMAL_MU_KEY: self.proximal_mu}
+
+    def server_step(self, server_round: int, mean: ArrayRecord, replies: int) -> ArrayRecord:
+        return mean
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # mu and its streak are AdaptiveMu's (the tracker's checkpoint entry)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 @dataclass
 class AdaptiveMu:
     """mu of a FedProx strategy, adapted on a central val metric (module doc)."""
 
-    strategy: Any  # has `proximal_mu` (flwr.serverapp.strategy.FedProx)
+    strategy: AdaFedProx
     every: int = 20  # pfl-research's FLAIR setting: adafedprox_adapt_frequency 20
     step: float = 0.1
     decrease_after: int = 1  # consecutive improvements before mu decreases
