@@ -19,6 +19,7 @@ norm away from the requested quantile (its formula uses the clipped fraction; se
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -125,7 +126,8 @@ class CentralDPStages:
             clip_norm=clip.clip_norm,
             noise_std=std_sum / self.noise.cohort_size,
             clipped_fraction=clip.clipped_fraction,
-            update_norm_mean=float(np.mean(clip.norms)) if clip.norms else float("nan"),
+            # fsum: exact, so the order the replies arrived in does not show (as in the sum)
+            update_norm_mean=math.fsum(clip.norms) / len(clip.norms) if clip.norms else math.nan,
             received=summed.count,
         )
         self.history[server_round] = stats
