@@ -18,6 +18,7 @@ from flair_fl.modes.federated import run_experiment
 from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.accounting import EpsilonCurve, noise_multiplier_for
 from flair_fl.privacy.bmf import BandedMFDP, BandedNoise, bsr_coefficients, strategy_matrix
+from flair_fl.privacy.bmf_factorization import sqrt_band
 from flair_fl.privacy.calibrate import main
 from flair_fl.privacy.central_stages import NoiseSettings
 from tests.helpers import compose_config
@@ -63,7 +64,7 @@ def test_sensitivity_under_min_separation_is_one_per_participation() -> None:
 
 
 def test_banded_noise_is_c_inverse_times_the_independent_draws() -> None:
-    noise, draws = BandedNoise(2), np.eye(4)  # round t's draw: coordinate t only
+    noise, draws = BandedNoise(sqrt_band(4, 2)), np.eye(4)  # round t's draw: coordinate t only
 
     outputs = np.stack([noise.step(draws[t]) for t in range(4)])
 
@@ -75,7 +76,12 @@ def test_noise_on_the_model_has_covariance_sigma2_c_inv_c_inv_t() -> None:
     dims = 50_000
     base = {"w": np.zeros(dims, dtype=np.float32)}
     dp = BandedMFDP(
-        min_separation=2, bands=2, noise_multiplier=1.5, clip_norm=0.2, secure_noise=False
+        min_separation=2,
+        bands=2,
+        factorization="sqrt",
+        noise_multiplier=1.5,
+        clip_norm=0.2,
+        secure_noise=False,
     )
     strategy = _DP(_fedavg(), dp.round_stages(_context(2, 8, 4)))
     noise = []
@@ -151,16 +157,16 @@ def test_calibrate_with_min_separation_prints_the_runs_z(
 
 
 def test_resumed_noise_continues_the_correlation(tmp_path: Path) -> None:
-    full = BandedNoise(3)
+    full = BandedNoise(sqrt_band(6, 3))
     draws = np.random.default_rng(0).normal(size=(6, 5))
     expected = [full.step(d) for d in draws]
 
-    first = BandedNoise(3)
+    first = BandedNoise(sqrt_band(6, 3))
     for d in draws[:3]:
         first.step(d)
     torch.save({"privacy": {"banded_noise": first.state_dict()}}, tmp_path / "state.pt")
     saved = torch.load(tmp_path / "state.pt", weights_only=True)  # as checkpoints load
-    resumed = BandedNoise(3)
+    resumed = BandedNoise(sqrt_band(6, 3))
     resumed.load_state_dict(saved["privacy"]["banded_noise"])
 
     np.testing.assert_array_equal([resumed.step(d) for d in draws[3:]], expected[3:])
@@ -172,6 +178,7 @@ def test_resumed_noise_continues_the_correlation(tmp_path: Path) -> None:
         ({"min_separation": 4, "bands": 5}, "privacy.bands"),
         ({"min_separation": 1}, "privacy.min_separation"),
         ({"adaptive": object()}, "privacy.adaptive"),
+        ({"factorization": "cholesky"}, "privacy.factorization"),
     ],
 )
 def test_bad_settings_name_the_key(kwargs: dict[str, object], key: str) -> None:

@@ -7,11 +7,10 @@ triangular with `bands` bands and unit column norms: a user who participates onc
 changes C x by at most C (clip norm) in L2, and with participations at least `bands`
 rounds apart (the min-separation sampler) their columns do not overlap.
 
-flair-fl's C is the banded square root (Kalinin & Lampert 2024): the Toeplitz square root
-of A, whose coefficients are binom(2k, k) / 4^k, truncated to `bands` bands and divided
-by its column norm. It is a closed form (no optimisation over T x T matrices) and needs
-only the `bands` coefficients; pfl-research instead optimises a banded C numerically for
-its `num_rounds` (see README). Accounting: bmf_accounting.py.
+C comes from bmf_factorization.py: `optimized` (default) minimises pfl-research's objective,
+the prefix-sum error ||A C^-1||_F^2 over banded C with unit column norms, for the run's
+`num_rounds` (cached); `sqrt` is the closed-form banded square root (Kalinin & Lampert
+2024). Accounting: bmf_accounting.py.
 """
 
 from __future__ import annotations
@@ -26,51 +25,59 @@ from flair_fl.errors import ConfigError
 from flair_fl.federated.sampling import MinSeparationSampler
 from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.bmf_accounting import participation
+from flair_fl.privacy.bmf_factorization import (
+    FACTORIZATIONS,
+    bsr_coefficients,
+    column_norms,
+    dense,
+    prefix_sum_loss,
+    sqrt_band,
+    strategy_band,
+)
 from flair_fl.privacy.central import Calibration, CentralDP
 
-
-def bsr_coefficients(bands: int) -> np.ndarray:
-    """c_0..c_{bands-1} of the banded square root, scaled so that a full column has norm 1."""
-    c = np.ones(bands)
-    for k in range(1, bands):
-        c[k] = c[k - 1] * (2 * k - 1) / (2 * k)  # binom(2k, k) / 4^k, recursively
-    return c / np.linalg.norm(c)
+__all__ = ["BandedMFDP", "BandedNoise", "bsr_coefficients", "strategy_matrix"]
 
 
 def strategy_matrix(rounds: int, bands: int) -> np.ndarray:
-    """The dense lower-triangular Toeplitz C (rounds x rounds), for inspection and tests."""
-    c = bsr_coefficients(bands)
-    matrix = np.zeros((rounds, rounds))
-    for k in range(min(bands, rounds)):
-        matrix += np.diag(np.full(rounds - k, c[k]), -k)
-    return matrix
+    """The dense banded square root C (rounds x rounds), for inspection and tests."""
+    return dense(sqrt_band(rounds, bands))
 
 
 class BandedNoise:
     """(C^-1 z)_t round by round by forward substitution, keeping the last bands-1 outputs.
 
-    w_t = (z_t - sum_{k=1}^{bands-1} c_k w_{t-k}) / c_0. The kept outputs (float32, one
-    model-sized vector each) are the mechanism's only state.
+    `band` is C in lower band storage (band[k, j] = C[j + k, j]); round t (from 0) computes
+    w_t = (z_t - sum_{k=1}^{bands-1} C[t, t-k] w_{t-k}) / C[t, t]. The kept outputs (float32,
+    one model-sized vector each) and the round index are the mechanism's only state.
     """
 
-    def __init__(self, bands: int):
-        self.coefficients = bsr_coefficients(bands)
+    def __init__(self, band: np.ndarray):
+        self.band = np.asarray(band, dtype=np.float64)
+        self.round = 0
         self.previous: list[np.ndarray] = []  # w_{t-1}, w_{t-2}, ... (most recent first)
 
     def step(self, noise: np.ndarray) -> np.ndarray:
         """This round's correlated noise from its independent draw `noise` (= z_t)."""
+        t = self.round
+        if t >= self.band.shape[1]:
+            raise RuntimeError(f"banded MF: C was built for {self.band.shape[1]} rounds only")
         out = np.array(noise, dtype=np.float64)
-        for c_k, w in zip(self.coefficients[1:], self.previous, strict=False):
-            out -= c_k * w
-        out /= self.coefficients[0]
-        self.previous = [out.astype(np.float32), *self.previous][: len(self.coefficients) - 1]
+        for k, w in enumerate(self.previous, start=1):
+            out -= self.band[k, t - k] * w
+        out /= self.band[0, t]
+        self.previous = [out.astype(np.float32), *self.previous][: self.band.shape[0] - 1]
+        self.round += 1
         return out
 
-    def state_dict(self) -> list[torch.Tensor]:
-        return [torch.from_numpy(w) for w in self.previous]
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "previous": [torch.from_numpy(w) for w in self.previous]}
 
-    def load_state_dict(self, state: list[torch.Tensor]) -> None:
-        self.previous = [w.numpy() for w in state]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):  # written before C could vary by row
+            raise ValueError("banded MF: this checkpoint's noise state predates C's row index")
+        self.round = int(state["round"])
+        self.previous = [w.numpy() for w in state["previous"]]
 
 
 class BandedMFDP(CentralDP):
@@ -82,7 +89,14 @@ class BandedMFDP(CentralDP):
     covered by the banded analysis).
     """
 
-    def __init__(self, min_separation: int = 48, bands: int | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        min_separation: int = 48,
+        bands: int | None = None,
+        factorization: str = "optimized",
+        factorization_cache: str | None = None,
+        **kwargs: Any,
+    ):
         if kwargs.get("adaptive") is not None:
             raise ConfigError("privacy.adaptive: not available with privacy=dp_bmf (fixed C)")
         super().__init__(**kwargs)
@@ -97,7 +111,13 @@ class BandedMFDP(CentralDP):
                 f"{min_separation}] (more bands than the separation would let a user's "
                 "participations overlap in C)"
             )
+        if factorization not in FACTORIZATIONS:
+            raise ConfigError(
+                f"privacy.factorization={factorization!r}: one of {', '.join(FACTORIZATIONS)}"
+            )
         self.min_separation, self.bands = min_separation, bands
+        self.factorization, self.factorization_cache = factorization, factorization_cache
+        self.strategy_stats: dict[str, float] = {}
         self.noise_state: BandedNoise | None = None
 
     def calibrate(self, context: PrivacyContext) -> Calibration:
@@ -111,7 +131,14 @@ class BandedMFDP(CentralDP):
         return super().calibrate(context)
 
     def correlated_noise(self, rounds: int) -> BandedNoise:
-        self.noise_state = BandedNoise(self.bands)
+        band = strategy_band(self.factorization, rounds, self.bands, self.factorization_cache)
+        loss = prefix_sum_loss(band)
+        self.strategy_stats = {
+            "column_norm_max": float(np.max(column_norms(band))),
+            "prefix_sum_loss": loss,  # ||A C^-1||_F^2: noise variance summed over prefix sums
+            "prefix_sum_rmse": math.sqrt(loss / rounds),  # per prefix sum, in units of sigma
+        }
+        self.noise_state = BandedNoise(band)
         return self.noise_state
 
     def make_sampler(self, user_ids: list[str], cohort_size: int, seed: int) -> Any:
@@ -137,8 +164,8 @@ class BandedMFDP(CentralDP):
         settings.update(
             min_separation=self.min_separation,
             bands=self.bands,
-            factorization="banded square root (Toeplitz), unit column norms",
-            column_norm_max=1.0,
+            factorization=self.factorization,
+            **self.strategy_stats,
         )
         cal = self.calibration
         if cal is not None:
