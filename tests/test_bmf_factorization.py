@@ -115,9 +115,9 @@ def test_the_optimized_c_is_cached_by_rounds_and_bands(tmp_path: Path) -> None:
 
 def test_dp_bmf_noise_follows_the_optimized_c_and_records_it() -> None:
     dp = BandedMFDP(min_separation=4, noise_multiplier=1.0, secure_noise=False)
-    from tests.test_privacy_bmf import _context, _fedavg
+    from tests.test_privacy_bmf import _context
 
-    dp.wrap(_fedavg(), _context(2, 80, 10))
+    dp.round_stages(_context(2, 80, 10))
     assert dp.noise_state is not None
     draws = np.eye(10)
     outputs = np.stack([dp.noise_state.step(draws[t]) for t in range(10)])
