@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from flwr.serverapp.strategy import FedAvg
 from torch.utils.data import TensorDataset
 
-from flair_fl.federated.user_state import UserStateStore, scaffold_update, split_control
+from flair_fl.algorithms.scaffold import ScaffoldClient, scaffold_update, split_control
+from flair_fl.federated.user_state import UserStateStore
 from flair_fl.learning.local_training import LocalTraining, train_local
 from flair_fl.models.params import load_trainable, trainable_state
 from flair_fl.models.small_cnn import small_cnn
@@ -149,6 +150,23 @@ def test_user_state_store_round_trip_and_split(tmp_path) -> None:  # type: ignor
     weights, control = split_control({"w": torch.ones(1), "scaffold.c.w": torch.zeros(1)})
     assert list(weights) == ["w"] and list(control) == ["w"]
     assert not list(tmp_path.glob("scaffold/*.tmp"))
+
+
+def test_scaffold_client_starts_at_zero_and_keeps_the_new_control(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = UserStateStore(tmp_path, "scaffold")
+    c, x = {"w": torch.tensor([0.5, -1.0])}, {"w": torch.tensor([1.0, 2.0])}
+    y = {"w": torch.tensor([0.0, 1.0])}
+
+    first = ScaffoldClient(store, "u", c, x)
+    correction = first.correction()
+    delta = first.finish(y, steps=2, lr=0.25)
+    second = ScaffoldClient(store, "u", c, x)
+
+    assert correction["w"].tolist() == [0.5, -1.0]  # c - c_i with c_i = 0 the first time
+    expected, _ = scaffold_update(c, {"w": torch.zeros(2)}, x, y, 2, 0.25)
+    assert second.user_control["w"].tolist() == expected["w"].tolist() == [1.5, 3.0]
+    assert delta["scaffold.dc.w"].tolist() == [1.5, 3.0]
+    assert second.correction()["w"].tolist() == [-1.0, -4.0]
 
 
 def test_bf16_autocast_trains_close_to_fp32_with_fp32_weights() -> None:

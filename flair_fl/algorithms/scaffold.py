@@ -1,23 +1,30 @@
-"""SCAFFOLD (Karimireddy et al. 2020, option II), server half (`strategy=scaffold`).
+"""SCAFFOLD (Karimireddy et al. 2020, option II), both halves (`strategy=scaffold`).
 
-The server control variate travels with the weights under prefixed keys; each user's
-control variate stays in a per-user store on disk, written by the clients (never in
-Flower's per-node context). Clients correct every local gradient by (c - c_i) and reply
-with their new weights and dc_i = c_i+ - c_i (option II: c_i+ = c_i - c + (x - y) /
-(K * local_lr)); the round's mean of both comes back to `Scaffold.server_step`.
+The server control variate c travels with the global weights under prefixed keys; each
+user's control variate c_i stays in a per-user store on disk, written by the clients (never
+in Flower's per-node context).
+
+- Client half (`ScaffoldClient`, federated/client_app.py runs it): correct every local
+  gradient by (c - c_i), c_i from the store (zero the first time); reply with the new
+  weights y and dc_i = c_i+ - c_i, where c_i+ = c_i - c + (x - y) / (K * local_lr) replaces
+  c_i in the store.
+- Server half (`Scaffold`): the round's mean of both comes back to `Scaffold.server_step`:
+  x <- x + lr * mean(y - x); c <- c + |S|/N * mean(dc).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord
 
 from flair_fl.algorithms.fedopt import to_numpy, to_record
 
 SCAFFOLD_C_PREFIX = "scaffold.c."  # server control variate, sent with the weights
 SCAFFOLD_DC_PREFIX = "scaffold.dc."  # a client's control-variate change, in its reply
+State = dict[str, torch.Tensor]
 
 
 class Scaffold:
@@ -68,3 +75,52 @@ class Scaffold:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "control" in state:
             self.control = {k: np.asarray(v) for k, v in state["control"].items()}
+
+
+class ControlStore(Protocol):
+    """Where each user's control variate is kept (federated.user_state.UserStateStore)."""
+
+    def load(self, user_id: str) -> State | None: ...
+
+    def save(self, user_id: str, state: State) -> None: ...
+
+
+def split_control(arrays: State) -> tuple[State, State]:
+    """Separate model weights from SCAFFOLD's server control variate (prefixed keys)."""
+    weights = {k: v for k, v in arrays.items() if not k.startswith(SCAFFOLD_C_PREFIX)}
+    control = {
+        k[len(SCAFFOLD_C_PREFIX) :]: v for k, v in arrays.items() if k.startswith(SCAFFOLD_C_PREFIX)
+    }
+    return weights, control
+
+
+def scaffold_update(
+    control: State, user_control: State, before: State, after: State, steps: int, lr: float
+) -> tuple[State, State]:
+    """Option II: c_i+ = c_i - c + (x - y) / (K lr). Returns (c_i+, dc_i with reply keys)."""
+    new = {k: user_control[k] - control[k] + (before[k] - after[k]) / (steps * lr) for k in control}
+    delta = {SCAFFOLD_DC_PREFIX + k: new[k] - user_control[k] for k in control}
+    return new, delta
+
+
+class ScaffoldClient:
+    """One user's SCAFFOLD step: the gradient correction, then the control-variate update."""
+
+    def __init__(self, store: ControlStore, user_id: str, control: State, before: State):
+        """`control`: the server's c; `before`: the global weights x the user starts from."""
+        self.store, self.user_id, self.control, self.before = store, user_id, control, before
+        self.user_control = store.load(user_id) or {
+            k: torch.zeros_like(v) for k, v in control.items()
+        }
+
+    def correction(self) -> State:
+        """c - c_i, added to every local gradient (by parameter name)."""
+        return {k: self.control[k] - self.user_control[k] for k in self.control}
+
+    def finish(self, after: State, steps: int, lr: float) -> State:
+        """Store c_i+ for the user; return dc_i under its reply keys."""
+        new_control, delta = scaffold_update(
+            self.control, self.user_control, self.before, after, steps, lr
+        )
+        self.store.save(self.user_id, new_control)
+        return delta

@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from hydra.utils import instantiate
 from torch import nn
 
+from flair_fl.algorithms.scaffold import ScaffoldClient, split_control
 from flair_fl.data.augment import TrainAugment
 from flair_fl.data.datasets import TrainImages
 from flair_fl.data.eval_split import EvalImages
@@ -49,7 +50,7 @@ from flair_fl.federated.protocol import (
     metric_state_to_record,
 )
 from flair_fl.federated.transport import map_flat, write_flat
-from flair_fl.federated.user_state import UserStateStore, scaffold_update, split_control
+from flair_fl.federated.user_state import UserStateStore
 from flair_fl.learning.local_training import LocalTraining, evaluate, train_local
 from flair_fl.models.params import load_trainable, trainable_state
 from flair_fl.services.memory import peak_rss_mb
@@ -154,6 +155,109 @@ def _load_global(runtime: _Runtime, msg: Message) -> dict[str, torch.Tensor]:
     return control
 
 
+@dataclass
+class _TrainJob:
+    """One train message, ready to train: the user, its data and seeded generator, the
+    round's local settings and, under SCAFFOLD, the user's control-variate step."""
+
+    config: ConfigRecord
+    user_id: str
+    fault: str | None  # the fault client.faults injects here, if any
+    dataset: TrainImages
+    generator: torch.Generator
+    settings: LocalTraining
+    scaffold: ScaffoldClient | None
+    started: float  # perf_counter at the start of loading, and at its end
+    loaded: float
+
+
+def _start_job(spec: ClientSpec, runtime: _Runtime, msg: Message) -> _TrainJob:
+    """Draw the fault, load the global weights, seed the client, read the user's images."""
+    config = msg.content.config_records[CONFIG_KEY]
+    user_id, server_round = str(config[USER_ID_KEY]), int(str(config[SERVER_ROUND_KEY]))
+    fault = spec.faults.draw(server_round, user_id)
+    faults.before_training(spec.faults, fault, user_id, server_round)
+    started = time.perf_counter()
+    control = _load_global(runtime, msg)
+    loaded = time.perf_counter()
+    scaffold = None
+    if control:  # SCAFFOLD: the user's step starts from the global weights just loaded
+        store = UserStateStore(spec.state_dir or ".", "scaffold")
+        scaffold = ScaffoldClient(store, user_id, control, trainable_state(runtime.model))
+    seed = derive_seed(spec.seed, "client", server_round, user_id)
+    if repeat := int(str(config.get(USER_REPEAT_KEY, 0))):  # drawn again (with replacement)
+        seed = derive_seed(spec.seed, "client", server_round, user_id, repeat)
+    dataset = train_images(spec, runtime.reader, user_id, seed, runtime.device)
+    torch.manual_seed(seed)  # anything else drawing from torch's global RNG
+    generator = torch.Generator().manual_seed(seed)
+    return _TrainJob(
+        config,
+        user_id,
+        fault,
+        dataset,
+        generator,
+        _round_settings(spec, config),
+        scaffold,
+        started,
+        loaded,
+    )
+
+
+def _round_settings(spec: ClientSpec, config: ConfigRecord) -> LocalTraining:
+    """The local settings with this round's FedProx mu. mu travels once, in the message
+    (PROXIMAL_MU_KEY, set by the strategy: AdaFedProx changes it between rounds); no entry
+    means no proximal term."""
+    mu = float(str(config.get(PROXIMAL_MU_KEY, 0.0)))
+    if mu == spec.training.proximal_mu:
+        return spec.training
+    return LocalTraining(**{**spec.training.__dict__, "proximal_mu": mu})
+
+
+def _train(spec: ClientSpec, runtime: _Runtime, job: _TrainJob) -> dict[str, float]:
+    """Local training (DP-SGD under privacy=dp_sgd); SCAFFOLD corrects every gradient."""
+    correction = job.scaffold.correction() if job.scaffold else None
+    if spec.local_dp is not None:  # per-example clipping + noise (Opacus)
+        from flair_fl.privacy.dp_sgd import train_local_dp_sgd  # Opacus only when needed
+
+        return train_local_dp_sgd(
+            runtime.model,
+            job.dataset,
+            job.settings,
+            runtime.device,
+            job.generator,
+            spec.local_dp,
+            correction,
+            job.dataset.inputs,
+        )
+    return train_local(
+        runtime.model,
+        job.dataset,
+        job.settings,
+        runtime.device,
+        job.generator,
+        correction,
+        job.dataset.inputs,
+    )
+
+
+def _update(runtime: _Runtime, job: _TrainJob, stats: dict[str, float]) -> dict[str, torch.Tensor]:
+    """The trained weights to send (plus SCAFFOLD's control change; NaN under a nan fault)."""
+    # Message transport: copies (ArrayRecord serialises them anyway). Shared transport:
+    # the parameters themselves, written straight into the reply file.
+    update = (
+        trainable_state(runtime.model)
+        if REPLY_DIR_KEY not in job.config or job.scaffold is not None
+        else ({n: p.detach() for n, p in runtime.model.named_parameters() if p.requires_grad})
+    )
+    if job.scaffold is not None:
+        update.update(job.scaffold.finish(update, int(stats["num_steps"]), job.settings.lr))
+    if job.fault == "nan":
+        with torch.no_grad():
+            for tensor in update.values():
+                tensor.fill_(float("nan"))
+    return update
+
+
 def _reply_arrays(
     config: ConfigRecord, arrays: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> RecordDict:
@@ -185,67 +289,11 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
     runtime = _runtime(spec)
     if runtime.idle_release:
         runtime.idle_release.job_started()
-    config = msg.content.config_records[CONFIG_KEY]
-    user_id, server_round = str(config[USER_ID_KEY]), int(str(config[SERVER_ROUND_KEY]))
-    fault = spec.faults.draw(server_round, user_id)
-    faults.before_training(spec.faults, fault, user_id, server_round)
-    started = time.perf_counter()
-    control = _load_global(runtime, msg)
-    loaded = time.perf_counter()
-    before = trainable_state(runtime.model) if control else {}  # SCAFFOLD only
-    seed = derive_seed(spec.seed, "client", server_round, user_id)
-    if repeat := int(str(config.get(USER_REPEAT_KEY, 0))):  # drawn again (with replacement)
-        seed = derive_seed(spec.seed, "client", server_round, user_id, repeat)
-    dataset = train_images(spec, runtime.reader, user_id, seed, runtime.device)
-    torch.manual_seed(seed)  # anything else drawing from torch's global RNG
-    generator = torch.Generator().manual_seed(seed)
-    settings = spec.training
-    mu = float(str(config.get(PROXIMAL_MU_KEY, settings.proximal_mu)))
-    if mu != settings.proximal_mu:
-        settings = LocalTraining(**{**settings.__dict__, "proximal_mu": mu})
-    store = user_control = None
-    correction = None
-    if control:  # SCAFFOLD: correct every local gradient by (c - c_i)
-        store = UserStateStore(spec.state_dir or ".", "scaffold")
-        user_control = store.load(user_id) or {k: torch.zeros_like(v) for k, v in control.items()}
-        correction = {k: control[k] - user_control[k] for k in control}
-    if spec.local_dp is not None:  # privacy=dp_sgd: per-example clipping + noise (Opacus)
-        from flair_fl.privacy.dp_sgd import train_local_dp_sgd  # Opacus only when needed
-
-        stats = train_local_dp_sgd(
-            runtime.model,
-            dataset,
-            settings,
-            runtime.device,
-            generator,
-            spec.local_dp,
-            correction,
-            dataset.inputs,
-        )
-    else:
-        stats = train_local(
-            runtime.model, dataset, settings, runtime.device, generator, correction, dataset.inputs
-        )
+    job = _start_job(spec, runtime, msg)  # 1. load: weights, seeds, the user's images
+    stats = _train(spec, runtime, job)  # 2. train
     trained = time.perf_counter()
-    # Message transport: copies (ArrayRecord serialises them anyway). Shared transport:
-    # the parameters themselves, written straight into the reply file.
-    reply = (
-        trainable_state(runtime.model)
-        if REPLY_DIR_KEY not in config or store is not None
-        else ({n: p.detach() for n, p in runtime.model.named_parameters() if p.requires_grad})
-    )
-    if store is not None and user_control is not None:
-        new_control, delta = scaffold_update(
-            control, user_control, before, reply, int(stats["num_steps"]), settings.lr
-        )
-        store.save(user_id, new_control)
-        reply.update(delta)
-    if fault == "nan":
-        with torch.no_grad():
-            for tensor in reply.values():
-                tensor.fill_(float("nan"))
-    meta = _reply_meta(config, user_id)
-    content = _reply_arrays(config, reply, meta)
+    meta = _reply_meta(job.config, job.user_id)  # 3. reply: the update, its metrics
+    content = _reply_arrays(job.config, _update(runtime, job, stats), meta)
     content[META_KEY] = ConfigRecord(meta)
     content[METRICS_KEY] = MetricRecord(
         {
@@ -253,8 +301,8 @@ def client_train(spec: ClientSpec, msg: Message) -> Message:
             EXAMPLES_WEIGHT_KEY: int(stats["num_examples"]),
             UNIFORM_WEIGHT_KEY: 1,
             NUM_STEPS_KEY: int(stats["num_steps"]),
-            "time-load": loaded - started,
-            "time-compute": trained - loaded,
+            "time-load": job.loaded - job.started,
+            "time-compute": trained - job.loaded,
             "time-reply": time.perf_counter() - trained,
             **_resource_metrics(runtime),
         }

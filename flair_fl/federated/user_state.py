@@ -16,7 +16,6 @@ from urllib.parse import quote
 
 import torch
 
-from flair_fl.algorithms.scaffold import SCAFFOLD_C_PREFIX, SCAFFOLD_DC_PREFIX
 from flair_fl.artifacts.safe_load import load_state_dict_file
 
 State = dict[str, torch.Tensor]
@@ -53,21 +52,3 @@ class UserStateStore:
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
-
-
-def split_control(arrays: State) -> tuple[State, State]:
-    """Separate model weights from SCAFFOLD's server control variate (prefixed keys)."""
-    weights = {k: v for k, v in arrays.items() if not k.startswith(SCAFFOLD_C_PREFIX)}
-    control = {
-        k[len(SCAFFOLD_C_PREFIX) :]: v for k, v in arrays.items() if k.startswith(SCAFFOLD_C_PREFIX)
-    }
-    return weights, control
-
-
-def scaffold_update(
-    control: State, user_control: State, before: State, after: State, steps: int, lr: float
-) -> tuple[State, State]:
-    """Option II: c_i+ = c_i - c + (x - y) / (K lr). Returns (c_i+, dc_i with reply keys)."""
-    new = {k: user_control[k] - control[k] + (before[k] - after[k]) / (steps * lr) for k in control}
-    delta = {SCAFFOLD_DC_PREFIX + k: new[k] - user_control[k] for k in control}
-    return new, delta

@@ -30,7 +30,9 @@ class LocalTraining:
     lr: float = 0.01
     momentum: float = 0.0
     grad_clip: float | None = 10.0  # max L2 norm of each step's gradient; None disables
-    proximal_mu: float = 0.0  # FedProx: adds mu/2 * ||w - w_global||^2 to the loss
+    # FedProx: adds mu/2 * ||w - w_global||^2 to the loss. A federated client takes mu from
+    # each round's message (the strategy's `proximal-mu`), never from its spec.
+    proximal_mu: float = 0.0
     precision: str = "fp32"  # fp32 | bf16: autocast forward/backward in bfloat16 (weights fp32)
     channels_last: bool = False  # NHWC memory format (faster convolutions on tensor cores)
 

@@ -111,7 +111,6 @@ def client_spec(cfg: DictConfig, data: FederatedData, privacy: Privacy, out: Pat
             lr=float(client.lr),
             momentum=float(client.momentum),
             grad_clip=None if client.grad_clip is None else float(client.grad_clip),
-            proximal_mu=float(cfg.strategy.get("proximal_mu", 0.0)),
             precision=str(client.get("precision", "fp32")),
             channels_last=bool(client.get("channels_last", False)),
         ),
