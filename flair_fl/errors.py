@@ -93,3 +93,8 @@ class ClientStopped(RuntimeError):
 
 class InjectedFault(RuntimeError):
     """Raised by the `raise` fault (federated/faults.py)."""
+
+
+class FlowerPatchMismatch(RuntimeError):
+    """The installed flwr is not the one federated/flower_patch.py was written for, or lacks
+    a private name the patch replaces or reads."""

@@ -30,6 +30,7 @@ from flair_fl.federated.protocol import (
     USER_ID_KEY,
     USER_REPEAT_KEY,
     Layout,
+    failure_kind,
 )
 from flair_fl.federated.sampling import repeat_indices
 from flair_fl.federated.transport import MessageTransport
@@ -38,7 +39,6 @@ from flair_fl.services import stopping
 log = logging.getLogger(__name__)
 # A failed client's whole error (its traceback): <run dir>/clients.log (conf/config.yaml)
 client_log = logging.getLogger("flair_fl.clients")
-TIMEOUT_MARK, DIED_MARK = "client timed out", "client actor died"  # in error reasons
 FAILURE_KINDS = ("raised", "timeout", "died", "rejected")
 PerUpdate = Callable[[Layout, np.ndarray], "np.ndarray | str"]
 
@@ -84,16 +84,6 @@ def last_line(text: str, limit: int = 200) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     line = lines[-1] if lines else text.strip()
     return line if len(line) <= limit else f"{line[: limit - 3]}..."
-
-
-def failure_kind(reply: Message) -> str:
-    """Why a client's reply is an error: timeout, died (its actor) or raised."""
-    reason = reply.error.reason or ""
-    if TIMEOUT_MARK in reason:
-        return "timeout"
-    if DIED_MARK in reason:
-        return "died"
-    return "raised"
 
 
 def exchange(
@@ -185,7 +175,7 @@ class RoundFold:
         return self.reduction.add(layout, update, weight)
 
     def _failed(self, index: int, reply: Message) -> None:
-        kind = failure_kind(reply)
+        kind = failure_kind(reply.error.code)  # set where the error was made (flower_patch.py)
         self.failures[kind] += 1
         fault = self.fault_of(index)
         self.injected += fault is not None

@@ -1,16 +1,11 @@
 """The one adapter around Flower's in-process simulation engine (Ray backend).
 
-It also mends two gaps of flwr 1.41's Ray actor pool (flwr/simulation/ray_transport):
-a client whose actor died (killed, out of memory) was put back into the pool, so every later
-message sent to it failed too; and a client that hangs held its actor (and the end of the
-simulation) forever. `guard_actor_pool` replaces dead actors with fresh ones and kills an
-actor whose client runs longer than `client_timeout`, so the round loop gets an error reply
-it can count and the pool keeps its size.
+Before the run it patches Flower's Ray actor pool (flower_patch.py): dead actors are
+replaced, a client running past `client_timeout` has its actor killed, and either comes back
+as an error reply coded by why.
 
 Stopping (stopping.py): Ray is started here, not by Flower, so that the run's signal handlers
-can be put back after `ray.init` replaced the SIGTERM one. Once a stop is requested, a
-client still running has its actor killed (Flower's worker threads would otherwise wait for
-it: minutes on real data) and no actor is replaced.
+can be put back after `ray.init` replaced the SIGTERM one.
 """
 
 from __future__ import annotations
@@ -18,21 +13,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
-import time
 from typing import Any
 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
-from flair_fl.errors import ClientActorDied, ClientStopped, ClientTimeout
 from flair_fl.federated import ray_node
+from flair_fl.federated.flower_patch import guard_actor_pool
 from flair_fl.federated.round import LoopOutcome
 from flair_fl.services import stopping
 
 log = logging.getLogger(__name__)
 _FLOWER_ACTOR_LOG_LEVEL = os.environ.get("FLWR_LOG_LEVEL", "ERROR")
-WAIT_SLICE_S = 0.25  # a client's reply is awaited in slices, to see a stop request
 
 
 class _DropDeprecation(logging.Filter):
@@ -42,87 +34,6 @@ class _DropDeprecation(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "DEPRECATED FEATURE" not in record.getMessage() and not stopping.requested()
-
-
-# Read by the patched pool; set per run. A new actor's first client also pays the actor's
-# start (process, imports, model and data reader set-up): it gets `actor_start_timeout` more.
-_GUARD: dict[str, Any] = {"client_timeout": None, "actor_start_timeout": 120.0}
-_WARM: set[str] = set()  # actors that have finished a client
-_GUARD_LOCK = threading.Lock()
-_DEAD: set[Any] = set()  # futures whose actor was killed or died (replaced on return)
-
-
-def guard_actor_pool(client_timeout: float | None, actor_start_timeout: float = 120.0) -> None:
-    """Patch flwr's BasicActorPool (once per process) as described in the module doc."""
-    import ray
-    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
-    from ray.exceptions import RayActorError
-
-    _GUARD.update(client_timeout=client_timeout, actor_start_timeout=actor_start_timeout)
-    with _GUARD_LOCK:
-        if getattr(BasicActorPool, "_flair_fl_guarded", False):
-            return
-
-        def fetch_result_and_return_actor_to_pool(self: Any, future: Any) -> Any:
-            actor = self._future_to_actor[future]
-            actor_id = actor._actor_id.hex()
-            timeout = _GUARD["client_timeout"]
-            if timeout is not None and actor_id not in _WARM:
-                timeout += _GUARD["actor_start_timeout"]
-            try:
-                if not _await(ray, future, timeout):
-                    ray.kill(actor, no_restart=True)
-                    with _GUARD_LOCK:
-                        _DEAD.add(future)
-                    if stopping.requested():
-                        raise ClientStopped("the run is stopping")
-                    raise ClientTimeout(
-                        f"client timed out after {_GUARD['client_timeout']} s "
-                        "(simulation.client_timeout); its actor was killed and replaced"
-                    )
-                _, out_message, context = ray.get(future)
-            except RayActorError as err:
-                with _GUARD_LOCK:
-                    _DEAD.add(future)
-                raise ClientActorDied(
-                    f"client actor died ({type(err).__name__}); it was replaced. Killed by "
-                    "the out-of-memory monitor? Give clients more memory (fewer per node)"
-                ) from None
-            with _GUARD_LOCK:
-                _WARM.add(actor_id)
-            self.add_actor_back_to_pool(future)
-            return out_message, context
-
-        def add_actor_back_to_pool(self: Any, future: Any) -> None:
-            actor = self._future_to_actor.pop(future)
-            with _GUARD_LOCK:
-                dead = future in _DEAD
-                _DEAD.discard(future)
-            if dead and stopping.requested():
-                return  # the run is ending: no new actor
-            if dead:
-                actor = self.create_actor_fn()
-            self.pool.append(actor)
-
-        BasicActorPool.fetch_result_and_return_actor_to_pool = (  # type: ignore[method-assign]
-            fetch_result_and_return_actor_to_pool
-        )
-        BasicActorPool.add_actor_back_to_pool = add_actor_back_to_pool  # type: ignore[method-assign]
-        BasicActorPool._flair_fl_guarded = True  # type: ignore[attr-defined]
-
-
-def _await(ray: Any, future: Any, timeout: float | None) -> bool:
-    """Wait for `future` up to `timeout` s (None: no limit); False if it is not ready by
-    then or a stop was requested."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while not stopping.requested():
-        left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, deadline - time.monotonic())
-        if left <= 0:
-            return False
-        ready, _ = ray.wait([future], timeout=left)
-        if ready:
-            return True
-    return False
 
 
 def start_ray(init_args: dict[str, Any], actor_niceness: int | None = None) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from flair_fl.errors import (
     ConfigError,
     FlairFormatError,
+    FlowerPatchMismatch,
     NoRoundTrained,
     OutputWriteError,
     RunStopped,
@@ -38,6 +39,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     TrainingDiverged,
     NoRoundTrained,
     FlairFormatError,
+    FlowerPatchMismatch,  # the fix is installing the flwr pyproject.toml names
 )  # reported in one line, no traceback
 
 
