@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,7 +13,7 @@ from flair_fl.federated.client_app import node_data_path
 from flair_fl.modes.driver import build
 from flair_fl.modes.federated import run_experiment
 from tests.conftest import CACHE_DIR, local_ray_head
-from tests.helpers import compose_config
+from tests.helpers import compose_config, metrics_rows
 
 
 def _blank_train_images(src: Path, dst: Path) -> None:
@@ -26,8 +25,7 @@ def _blank_train_images(src: Path, dst: Path) -> None:
 
 
 def _train_losses(out: Path) -> list[float]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["train_loss"] for line in lines]
+    return [row["train_loss"] for row in metrics_rows(out)]
 
 
 @pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
@@ -47,7 +45,7 @@ def test_two_rounds_on_a_ray_head_with_a_per_node_data_path(
             compose_config([*base, f"simulation.address={address}"]), tmp_path / "cluster"
         )
     assert summary["rounds"] == 2
-    rows = [json.loads(line) for line in (tmp_path / "cluster" / "metrics.jsonl").open()]
+    rows = metrics_rows(tmp_path / "cluster")
     assert [r["clients_ok"] for r in rows] == [3, 3]
     # The same run where the nodes read the driver's file trains on other images.
     assert ray_head is not None

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import metrics_rows
+
 REPO = Path(__file__).resolve().parents[1]
 
 LIMIT = '''
@@ -70,8 +72,7 @@ def test_metrics_append_on_a_full_disk_keeps_earlier_lines(tmp_path: Path) -> No
 
     # Assert: the error names the file, earlier lines parse, the partial line is gone
     assert str(tmp_path / "metrics.jsonl") in message and "the disk is full" in message
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["round"] for line in lines] == [1, 2]
+    assert [row["round"] for row in metrics_rows(tmp_path)] == [1, 2]
     with (tmp_path / "metrics.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["round"] for row in rows] == ["1", "2"]
@@ -204,7 +205,7 @@ def test_resume_drops_a_torn_last_metrics_line(tmp_path: Path) -> None:
         logger.log_round(3, {"train_loss": 0.25})
 
     # Assert: every line parses, rounds 1-3 once each
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path)
     assert [r["round"] for r in rows] == [1, 2, 3] and rows[2]["train_loss"] == 0.25
     assert sorted(plots.rows) == [1, 2, 3]
     with (tmp_path / "metrics.csv").open() as f:

@@ -23,7 +23,7 @@ from flair_fl.federated.faults import KINDS, FaultSpec
 from flair_fl.federated.sampling import CohortSampler
 from flair_fl.modes.driver import build
 from flair_fl.modes.federated import fault_spec, run_experiment
-from tests.helpers import compose_config
+from tests.helpers import compose_config, metrics_rows
 
 COUNTED = {"raise": "clients_raised", "hang": "clients_timeout", "die": "clients_died"}
 COUNTED["nan"] = "clients_rejected"
@@ -70,7 +70,7 @@ def _expected(overrides: list[str]) -> list[dict[str, int]]:
 
 def _run(overrides: list[str], out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     summary = run_experiment(compose_config(overrides), out)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(out)
     return rows, summary
 
 
@@ -177,7 +177,7 @@ def test_all_updates_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
     ]
     with pytest.raises(TrainingDiverged, match=r"round 3.*NaN/inf"):
         run_experiment(compose_config(overrides), out)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(out)
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert rows[-1]["clients_rejected"] == 3 and rows[-1]["clients_ok"] == 0
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)

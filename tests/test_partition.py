@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 from collections import Counter
@@ -17,7 +16,7 @@ from flair_fl.data.partition import IidPartition
 from flair_fl.data.source import open_reader
 from flair_fl.errors import FlairFormatError
 from flair_fl.modes.federated import run_experiment
-from tests.helpers import compose_config
+from tests.helpers import compose_config, metrics_rows
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +137,7 @@ def test_run_with_iid_partition(run_overrides: list[str], tmp_path: Path) -> Non
     summary = run_experiment(cfg, tmp_path)
 
     # Assert: clients rebuilt the IID reader (a natural reader fails on `iid-...` users)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path)
     assert summary["rounds"] == cfg.num_rounds
     assert all(r["clients_ok"] == cfg.cohort_size and r["clients_failed"] == 0 for r in rows)
     assert len(data.reader.population("train")) == math.ceil(images / 5)

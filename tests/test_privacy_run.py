@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hydra.utils import instantiate
@@ -13,13 +12,9 @@ from opacus.accountants import RDPAccountant
 from flair_fl.errors import ConfigError
 from flair_fl.modes.federated import run_experiment
 from flair_fl.privacy import PrivacyContext
-from tests.helpers import compose_config
+from tests.helpers import compose_config, metrics_rows
 
 DESCRIBED = {"mechanism", "noise_multiplier", "clip_norm", "epsilon", "delta", "q", "rounds"}
-
-
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow  # a real run through Ray (~15-120 s on 2 cores); CI runs it
@@ -54,7 +49,7 @@ def test_central_dp_run_logs_the_budget_and_stops_before_exceeding_max_epsilon(
     z, q, delta = described["noise_multiplier"], described["q"], described["delta"]
     assert (z, q, described["rounds"]) == (1.0, 3 / users, 3)
     assert delta == pytest.approx(users**-1.1)  # ml-flair's delta for this population
-    rows = _rows(tmp_path)
+    rows = metrics_rows(tmp_path)
     assert [row["round"] for row in rows] == [1, 2]
     for row in rows:
         accountant = RDPAccountant()
@@ -80,7 +75,7 @@ def test_dp_sgd_run_reports_the_worst_users_sample_level_epsilon(
 
     described = json.loads((tmp_path / "privacy.json").read_text())
     assert described["mechanism"] == "dp-sgd" and described["noise_multiplier"] == 1.0
-    rows = _rows(tmp_path)
+    rows = metrics_rows(tmp_path)
     assert len(rows) == cfg.num_rounds and all(row["clients_ok"] == cfg.cohort_size for row in rows)
     worst = [row["dp_sgd_epsilon"] for row in rows]
     assert 0 < worst[0] <= worst[-1] and worst == sorted(worst)

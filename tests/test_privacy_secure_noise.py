@@ -12,7 +12,7 @@ import torch
 
 from flair_fl.modes.federated import run_experiment
 from flair_fl.privacy.central_stages import NoiseSettings
-from tests.helpers import compose_config
+from tests.helpers import compose_config, metrics_rows
 
 # What a round computes before the noise: the sampled users' training and the statistics
 # of their updates (val_* come after the noise, timings differ between any two runs).
@@ -31,7 +31,7 @@ def test_secure_generator_differs_per_draw_and_seeded_one_is_a_function_of_seed_
 
 
 def _before_noise(run_dir: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run_dir)
     return [
         {k: v for k, v in row.items() if k.startswith(BEFORE_NOISE) and not k.endswith("_s")}
         for row in rows

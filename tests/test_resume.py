@@ -23,7 +23,7 @@ from flair_fl.artifacts.checkpoint import (
 from flair_fl.errors import ConfigError
 from flair_fl.federated.round import is_measurement
 from flair_fl.modes.federated import run_experiment
-from tests.helpers import compose_config
+from tests.helpers import compose_config, metrics_rows
 from tests.test_adaptive_mu import pfl_mu_sequence
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,10 +39,6 @@ def _run(args: list[str], **kwargs: object) -> subprocess.Popen[str]:
         start_new_session=True,
         **kwargs,
     )  # type: ignore[call-overload]
-
-
-def _rows(run_dir: Path) -> list[dict[str, object]]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _kill_after_round(process: subprocess.Popen[str], run_dir: Path, last: int) -> None:
@@ -72,7 +68,7 @@ def resume_and_compare(
 
     assert resumed.returncode == 0, output[-3000:]
     assert "resuming" in output
-    expected, got = _rows(full), _rows(interrupted)
+    expected, got = metrics_rows(full), metrics_rows(interrupted)
     assert [r["round"] for r in got] == [1, 2, 3, 4, 5]
     for a, b in zip(expected, got, strict=True):
         for key in (k for k in a if not is_measurement(k)):

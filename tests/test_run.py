@@ -22,7 +22,7 @@ from flair_fl.federated.round import is_measurement
 from flair_fl.federated.sampling import CohortSampler
 from flair_fl.models.params import trainable_state
 from flair_fl.modes.federated import run_experiment
-from tests.helpers import CONF_DIR, compose_config
+from tests.helpers import CONF_DIR, compose_config, metrics_rows
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {
@@ -37,10 +37,6 @@ METRIC_KEYS = {
     "val_macro_f1",
     "val_micro_f1",
 }
-
-
-def _rows(run_dir: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _group_options() -> list[tuple[str, str]]:
@@ -79,7 +75,7 @@ def test_end_to_end_run_writes_complete_metrics(
 
     summary = run_experiment(cfg, tmp_path)
 
-    rows = _rows(tmp_path)
+    rows = metrics_rows(tmp_path)
     assert [r["round"] for r in rows] == list(range(1, cfg.num_rounds + 1))
     for row in rows:  # debug=tiny evaluates every round
         assert set(row) >= METRIC_KEYS, METRIC_KEYS - set(row)
@@ -134,7 +130,7 @@ def test_same_seed_same_run_and_other_seed_other_users(
     for name in ("a", "b"):
         cfg = compose_config([*run_overrides, "seed=7"])
         run_experiment(cfg, tmp_path / name)
-        runs.append(_rows(tmp_path / name))
+        runs.append(metrics_rows(tmp_path / name))
 
     for row_a, row_b in zip(*runs, strict=True):
         for key in (k for k in row_a if not is_measurement(k)):
@@ -261,7 +257,7 @@ def test_multirun_sweep_writes_one_dir_per_job(run_overrides: list[str], tmp_pat
 def _check_quiet_console(console: str, job_dirs: list[Path]) -> None:
     """No ANSI codes and no third-party INFO lines; per job: one line per failed client (its
     traceback in clients.log), no line twice, the metrics' elapsed clock."""
-    rows = [_rows(d) for d in job_dirs]
+    rows = [metrics_rows(d) for d in job_dirs]
     failed = [sum(int(r["clients_failed"]) for r in job) for job in rows]  # type: ignore[call-overload]
     assert all(failed), "the seeded faults must make clients fail in every job"
     assert "\x1b[" not in console and "Traceback" not in console

@@ -27,7 +27,7 @@ from flair_fl.artifacts.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flair_fl.services.job_resources import job_cpus, sized_init_args
 from hydra_plugins.flair_fl_launcher.resuming_launcher import ResumingLocalLauncher, with_resume
 from tests.conftest import CACHE_DIR
-from tests.helpers import CONF_DIR
+from tests.helpers import CONF_DIR, metrics_rows
 from tests.wandb_records import offline_runs, read_offline_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def _jobs(sweep_dir: Path) -> list[Path]:
 
 
 def _rounds(job: Path) -> list[int]:
-    return [json.loads(line)["round"] for line in (job / "metrics.jsonl").read_text().splitlines()]
+    return [row["round"] for row in metrics_rows(job)]
 
 
 def _multirun(args: list[str]) -> subprocess.Popen[str]:

@@ -8,7 +8,6 @@ cluster with it; the shared-memory files it could not remove go with the next ru
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ import pytest
 from flair_fl.artifacts.checkpoint import load_checkpoint
 from flair_fl.federated.transport import HOST_FILE, SharedTransport, default_shared_root
 from tests.conftest import CACHE_DIR
+from tests.helpers import metrics_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -173,7 +173,7 @@ def test_signal_mid_round_stops_the_run_cleanly(
     assert took < 30, f"took {took:.1f} s to stop"
     assert f"stopped by {sig.name}" in output and "Traceback" not in output
     checkpoint = load_checkpoint(run_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run_dir)
     assert checkpoint["round"] == rows[-1]["round"] >= 2
     assert not (run_dir / "results.json").exists()  # not finished: a resume continues it
     assert _shm_files(process.pid) == []

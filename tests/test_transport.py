@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from flair_fl.federated.protocol import Layout, flatten_record
 from flair_fl.federated.round import is_measurement
 from flair_fl.federated.transport import SharedTransport, map_flat, write_flat
 from flair_fl.modes.federated import run_experiment
-from tests.helpers import compose_config
+from tests.helpers import compose_config, metrics_rows
 
 
 def _arrays(seed: int = 0) -> dict[str, np.ndarray]:
@@ -66,7 +65,7 @@ def _run(tmp_path: Path, overrides: list[str], name: str) -> tuple[list[dict], d
     cfg = compose_config(overrides)
     out = tmp_path / name
     run_experiment(cfg, out)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(out)
     model = torch.load(out / "model_final.pt")
     return rows, model
 

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from flair_fl.loggers.wandb import RUN_ID_FILE, WandbLogger
 from flair_fl.modes.federated import run_experiment
-from tests.helpers import compose_config
+from tests.helpers import compose_config, metrics_rows
 from tests.wandb_records import OfflineRun, offline_runs, read_offline_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def test_run_with_wandb_offline_and_a_broken_logger_completes(
     summary = run_experiment(cfg, tmp_path)
 
     # Assert: training finished, the broken logger was reported once and counted
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path)
     assert [row["round"] for row in rows] == [1, 2] and summary["rounds"] == 2
     stderr = capsys.readouterr().err
     assert stderr.count("logger 'broken' failed in") == 1
