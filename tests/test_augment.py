@@ -190,6 +190,23 @@ def test_flips_half_the_images() -> None:
     assert 150 <= mirrored <= 250
 
 
+def test_mirrored_image_is_the_unmirrored_one_flipped_exactly() -> None:
+    # Prepare: each box twice, once mirrored; channels-last output too (the CPU path
+    # mirrors while casting, through a negative-stride view)
+    images = noisy_images(3, 50, 70)
+    boxes = torch.tensor([[0, 0, 50, 70], [4, 9, 30, 41], [10, 20, 32, 32]]).repeat(2, 1)
+    flips = torch.tensor([False] * 3 + [True] * 3)
+    rows = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        # Execute
+        out = to_model_input(images, 32, boxes, flips, memory_format=memory_format, rows=rows)
+
+        # Assert
+        assert torch.equal(out[3:], out[:3].flip(-1))
+        assert not torch.equal(out[3:], out[:3])
+
+
 def test_empty_batch_and_bad_input() -> None:
     # Prepare
     augment = TrainAugment(16)
