@@ -29,6 +29,16 @@ def test_train_bench_times_old_and_new_on_the_same_images(tmp_path: Path) -> Non
         assert new["cpu_ratio_to_old"] == new["cpu_ms_per_image"] / old["cpu_ms_per_image"]
     assert len(report["load_average_before"]) == 3
     assert any("| cpu / jpeg | new |" in line for line in train_markdown(report))
+    # ... and where the new path's CPU went, stage by stage, for each store
+    assert any(
+        "| read | to device | batch indices | augment |" in line for line in train_markdown(report)
+    )
+    for store in ("uint8", "jpeg"):
+        stages = report["new_path_cpu_ms_per_image_by_stage"][f"cpu/{store}"]
+        assert set(stages) == {"read", "to device", "batch indices", "augment"}
+        assert all(ms >= 0 for ms in stages.values()) and stages["augment"] > 0
+        rows = [line for line in train_markdown(report) if line.startswith(f"| cpu / {store} |")]
+        assert len(rows) == 3  # old, new, and the stage row
     json.dumps(report)  # the script writes it as JSON
 
 
