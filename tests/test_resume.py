@@ -149,6 +149,10 @@ def test_differing_keys_ignores_neutral_ones() -> None:
     saved = {"seed": 0, "client": {"lr": 0.1}, "simulation": {"x": 1}, "device": "cpu"}
     current = {"seed": 1, "client": {"lr": 0.1}, "simulation": {"x": 2}, "device": "cuda"}
     assert differing_keys(saved, current) == ["seed"]
+    # dp_bmf's cache of its strategy matrix may move; its factorization may not
+    saved["privacy"] = {"factorization_cache": "/a", "factorization": "optimized"}
+    current["privacy"] = {"factorization_cache": "/b", "factorization": "sqrt"}
+    assert differing_keys(saved, current) == ["privacy.factorization", "seed"]
 
 
 def test_a_checkpoint_naming_a_moved_target_resumes() -> None:

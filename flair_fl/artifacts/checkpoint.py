@@ -34,6 +34,7 @@ NEUTRAL_KEYS = (
     "logger",
     "hydra",
     "data.cache_dir",
+    "privacy.factorization_cache",  # where dp_bmf caches its strategy matrix
     "eval.batch_size",
     "eval.data_on",
     "eval.overlap",
