@@ -135,18 +135,7 @@ class CentralDP:
 
     def calibrate(self, context: PrivacyContext) -> Calibration:
         """z (and z_update) for this run's cohort, population and planned rounds."""
-        noise_cohort = int(self.noise_cohort_size or context.cohort_size)
-        if noise_cohort < context.cohort_size:
-            raise ConfigError(
-                f"privacy.noise_cohort_size={noise_cohort}: must be >= cohort_size "
-                f"({context.cohort_size}); it simulates a larger cohort, never a smaller one"
-            )
-        population = int(self.population_size or context.population_size)
-        if population < noise_cohort:
-            raise ConfigError(
-                f"privacy.population_size={population}: must be >= the (noise) cohort "
-                f"{noise_cohort}"
-            )
+        noise_cohort, population = self._deployment(context)
         delta = float(self.delta) if self.delta is not None else default_delta(population)
         if delta > 1 / population:
             log.warning(
@@ -157,23 +146,7 @@ class CentralDP:
                 1 / population,
                 population,
             )
-        if self.noise_multiplier is not None:
-            z = float(self.noise_multiplier)
-        else:
-            try:
-                rate, steps = participation(
-                    noise_cohort / population, context.num_rounds, self.min_separation
-                )
-                z = noise_multiplier_for(
-                    float(self.epsilon),  # type: ignore[arg-type]  # checked in __init__
-                    delta,
-                    rate,
-                    steps,
-                    self.accountant,
-                    self.epsilon_tolerance,
-                )
-            except ValueError as err:  # Opacus: "The privacy budget is too low."
-                raise ConfigError(f"privacy.epsilon={self.epsilon}: {err}") from None
+        z = self._noise_multiplier(noise_cohort / population, context.num_rounds, delta)
         count_stddev, z_update = None, z
         if self.adaptive is not None:
             count_stddev = float(
@@ -197,6 +170,40 @@ class CentralDP:
             count_stddev=count_stddev,
             simulated=(noise_cohort, population) != (context.cohort_size, context.population_size),
         )
+
+    def _deployment(self, context: PrivacyContext) -> tuple[int, int]:
+        """(noise cohort, population) the guarantee is for: this run's, or a larger
+        deployment it simulates."""
+        noise_cohort = int(self.noise_cohort_size or context.cohort_size)
+        if noise_cohort < context.cohort_size:
+            raise ConfigError(
+                f"privacy.noise_cohort_size={noise_cohort}: must be >= cohort_size "
+                f"({context.cohort_size}); it simulates a larger cohort, never a smaller one"
+            )
+        population = int(self.population_size or context.population_size)
+        if population < noise_cohort:
+            raise ConfigError(
+                f"privacy.population_size={population}: must be >= the (noise) cohort "
+                f"{noise_cohort}"
+            )
+        return noise_cohort, population
+
+    def _noise_multiplier(self, sample_rate: float, rounds: int, delta: float) -> float:
+        """z as set, or the accountant's for the target epsilon over `rounds` rounds."""
+        if self.noise_multiplier is not None:
+            return float(self.noise_multiplier)
+        try:
+            rate, steps = participation(sample_rate, rounds, self.min_separation)
+            return noise_multiplier_for(
+                float(self.epsilon),  # type: ignore[arg-type]  # checked in __init__
+                delta,
+                rate,
+                steps,
+                self.accountant,
+                self.epsilon_tolerance,
+            )
+        except ValueError as err:  # Opacus: "The privacy budget is too low."
+            raise ConfigError(f"privacy.epsilon={self.epsilon}: {err}") from None
 
     def round_stages(self, context: PrivacyContext) -> CentralDPStages:
         """Refuse example weighting, calibrate; the round's clip and noise stages."""

@@ -85,19 +85,8 @@ def train_local_dp_sgd(
     corrections = [grad_correction[n].to(device) for n, _ in named] if grad_correction else []
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
     loader = DataLoader(dataset, batch_size=settings.batch_size, generator=generator)
-    noise = torch.Generator(device=device)
-    noise.manual_seed(derive_seed(generator.initial_seed(), "dp-sgd-noise"))
-    with warnings.catch_warnings():  # seeded noise is deliberate: runs are reproducible
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant="rdp")
-    hooks, dp_optimizer, dp_loader = engine.make_private(
-        module=private,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=dp.max_grad_norm,
-        noise_generator=noise,
-        wrap_model=False,
+    engine, (hooks, dp_optimizer, dp_loader) = _make_private(
+        private, optimizer, loader, dp, (device, generator)
     )
     global_params = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
     try:
@@ -124,6 +113,33 @@ def train_local_dp_sgd(
         "dp_sample_rate": float(sample_rate),
         "dp_noise_multiplier": float(noise_multiplier),
     }
+
+
+def _make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[Any],
+    dp: DPSGDSettings,
+    seeding: tuple[torch.device, torch.Generator],
+) -> tuple[PrivacyEngine, tuple[Any, DPOptimizer, DataLoader[Any]]]:
+    """Opacus's engine and (hooks, DP optimizer, Poisson loader) for `model`; the noise is
+    seeded from the batch generator's seed, so a run is reproducible."""
+    device, generator = seeding
+    noise = torch.Generator(device=device)
+    noise.manual_seed(derive_seed(generator.initial_seed(), "dp-sgd-noise"))
+    with warnings.catch_warnings():  # seeded noise is deliberate: runs are reproducible
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp")
+    made = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        noise_generator=noise,
+        wrap_model=False,
+    )
+    return engine, made
 
 
 def _dp_epochs(
