@@ -70,32 +70,35 @@ MAXED = ("peak-rss-mb", "gpu-mem-mb")
 
 @dataclass
 class MetricsReduction:
-    """Combines the replies' MetricRecords (weighted means, sums, maxima)."""
+    """Combines the replies' MetricRecords (weighted means, sums, maxima).
+
+    The terms are kept (a few floats per reply) and summed exactly (math.fsum) at the end,
+    so the order replies arrive in does not show in the last digit of a logged metric."""
 
     weight_key: str
-    sums: dict[str, float] = field(default_factory=dict)
+    terms: dict[str, list[float]] = field(default_factory=dict)
     maxima: dict[str, float] = field(default_factory=dict)
-    weight: float = 0.0
+    weights: list[float] = field(default_factory=list)
 
     def add(self, record: MetricRecord) -> None:
         weight = float(record[self.weight_key])  # type: ignore[arg-type]
-        self.weight += weight
+        self.weights.append(weight)
         for key, value in record.items():
             if not isinstance(value, int | float):
                 continue
             if key in MAXED:
                 self.maxima[key] = max(self.maxima.get(key, -math.inf), float(value))
-            elif key in SUMMED:
-                self.sums[key] = self.sums.get(key, 0.0) + float(value)
             else:
-                self.sums[key] = self.sums.get(key, 0.0) + weight * float(value)
+                term = float(value) if key in SUMMED else weight * float(value)
+                self.terms.setdefault(key, []).append(term)
 
     def result(self) -> dict[str, float]:
-        if not self.weight:
+        total_weight = math.fsum(self.weights)
+        if not total_weight:
             return {}
         out = {
-            k: (v if k in SUMMED else v / self.weight)
-            for k, v in self.sums.items()
+            k: math.fsum(v) if k in SUMMED else math.fsum(v) / total_weight
+            for k, v in self.terms.items()
             if k != self.weight_key or k in SUMMED
         }
         return {**out, **self.maxima}
