@@ -129,12 +129,13 @@ class FlairHDF5:
 
     def split_group(self, split: str) -> h5py.Group:
         """The group of a split (FlairFormatError naming the splits there if it is missing)."""
-        if split not in self.h5:
+        try:
+            return self.h5[split]
+        except KeyError:
             raise FlairFormatError(
                 f"{self.path}: has no '{split}' split "
                 f"(it has: {', '.join(self.splits()) or 'none'})"
-            )
-        return self.h5[split]
+            ) from None
 
     def label_mapping(self, label_set: LabelSet = "coarse") -> dict[str, int]:
         """{label: index}, alphabetical (the index order every FLAIR reference uses).

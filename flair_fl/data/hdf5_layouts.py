@@ -129,6 +129,10 @@ class Layout(ABC):
 class PerUserLayout(Layout):
     """A group per user holding `images` (one row per image) and per-image members."""
 
+    def __init__(self, file: HDF5File):
+        super().__init__(file)
+        self._checked: set[tuple[str, str]] = set()  # users whose members were checked
+
     def sizes(self, split: str) -> dict[str, int]:
         group = self.file.split_group(split)
         return {user: int(group[user]["image_ids"].shape[0]) for user in group}
@@ -145,11 +149,17 @@ class PerUserLayout(Layout):
         return "uint8"
 
     def user_group(self, split: str, user_id: str) -> h5py.Group:
-        """A per-user group whose per-image members all have one length per image."""
+        """A per-user group whose per-image members all have one length per image (checked
+        once per user and reader: a client reads its users again in later rounds)."""
         group = self.file.split_group(split)
-        if user_id not in group:
-            raise FlairFormatError(f"{self.file.path}: no user {user_id!r} in split '{split}'")
-        user = group[user_id]
+        try:
+            user = group[user_id]
+        except KeyError:
+            raise FlairFormatError(
+                f"{self.file.path}: no user {user_id!r} in split '{split}'"
+            ) from None
+        if (split, user_id) in self._checked:
+            return user
         n_images = int(user["images"].shape[0])
         per_image = ("image_ids", "labels", "fine_grained_labels")  # the last two: mlflair
         for name in (m for m in per_image if m in user):
@@ -158,6 +168,7 @@ class PerUserLayout(Layout):
                     f"{self.file.path}: split '{split}', user {user_id}: {n_images} images but "
                     f"{user[name].shape[0]} entries in '{name}' (they must match)"
                 )
+        self._checked.add((split, user_id))
         return user
 
     def read(
