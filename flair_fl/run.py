@@ -33,7 +33,7 @@ warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStor
 def execute(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
     """Run the configured mode (federated or central); returns its summary."""
     validate_run_config(cfg)  # bad values fail here, before torch and Flower are imported
-    from flair_fl.modes.driver import build
+    from flair_fl.modes.build import build
 
     runner = build(cfg.mode, "mode")
     summary: dict[str, Any] = runner(cfg=cfg, output_dir=output_dir)

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from flair_fl.loggers import open_loggers
-from flair_fl.modes.driver import build_loggers
+from flair_fl.modes.build import build_loggers
 from flair_fl.modes.federated import run_experiment
 
 

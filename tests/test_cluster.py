@@ -10,7 +10,7 @@ import h5py
 import pytest
 
 from flair_fl.federated.client_app import node_data_path
-from flair_fl.modes.driver import build
+from flair_fl.modes.build import build
 from flair_fl.modes.federated import run_experiment
 from tests.conftest import CACHE_DIR, local_ray_head
 from tests.helpers import compose_config, metrics_rows
@@ -55,7 +55,7 @@ def test_two_rounds_on_a_ray_head_with_a_per_node_data_path(
 
 def test_node_data_path_prefers_the_nodes_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = compose_config(["debug=tiny", f"data.cache_dir={CACHE_DIR}"])
-    from flair_fl.modes.federated import client_spec  # the spec the run ships to clients
+    from flair_fl.modes.build import client_spec  # the spec the run ships to clients
 
     data = build(cfg.data, "data")
     spec = client_spec(cfg, data, build(cfg.privacy, "privacy"), Path("/tmp"))

@@ -136,7 +136,7 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(tmp_path: Path) -> Non
 def test_results_on_a_full_disk_keep_the_previous_file(tmp_path: Path) -> None:
     # Prepare: results.json of an earlier write; the new one is far larger than the limit
     body = """
-    from flair_fl.modes.driver import write_results
+    from flair_fl.artifacts.run_dir import write_results
 
     write_results({"rounds": 1, "final_val_macro_ap": 0.5}, out)
     limit_file_size(extra=50)

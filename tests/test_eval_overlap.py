@@ -5,6 +5,7 @@ selection, checkpoints, divergence stops and resume must equal the serial evalua
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,14 @@ from flwr.serverapp.strategy import FedAvg
 
 from flair_fl.artifacts.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from flair_fl.data.source import FederatedData
+from flair_fl.federated.callbacks import BestModel, RoundTracker
 from flair_fl.federated.contract import server_strategy
 from flair_fl.federated.round import LoopOutcome, is_measurement
 from flair_fl.learning.evaluator import CentralEvaluator
 from flair_fl.models.params import trainable_state
 from flair_fl.models.small_cnn import small_cnn
-from flair_fl.modes.driver import RoundTracker
-from flair_fl.modes.federated import _Checkpointer, run_experiment
+from flair_fl.modes.build import federated_tracker
+from flair_fl.modes.federated import run_experiment
 from flair_fl.privacy import NoPrivacy
 from tests.helpers import compose_config
 from tests.test_resume import _kill_after_round, _rows, _run, resume_and_compare
@@ -59,7 +61,8 @@ def _round_weights(num_labels: int, rounds: int, nan_round: int = 0) -> list[Arr
 def _drive(
     tiny_hdf5: Path, out: Path, overlap: bool, rounds: int = 4, nan_round: int = 0
 ) -> tuple[RoundTracker, Rows, list[bool]]:
-    """Feed the tracker `rounds` rounds as the round loop does; return what it logged."""
+    """Feed the tracker `rounds` rounds as the round loop does; return what it logged. The
+    tracker is the federated run's (modes/build.py), evaluating and checkpointing every round."""
     data = FederatedData(tiny_hdf5, input_size=24)
     torch.manual_seed(0)
     model = small_cnn(num_classes=data.num_labels, width=8)
@@ -67,18 +70,28 @@ def _drive(
     initial = evaluator(ArrayRecord(trainable_state(model)), "val")
     rows = Rows()
     out.mkdir()
-    tracker = RoundTracker(
-        rounds, 1, evaluator, NoPrivacy(), [rows], out, initial, checkpoint_every=1, overlap=overlap
-    )
-    tracker.checkpoint = _Checkpointer(
-        compose_config(["debug=tiny"]), out, server_strategy(FedAvg()), NoPrivacy(), tracker
+    overrides = ["debug=tiny", f"num_rounds={rounds}", "eval_every=1", "checkpoint_every=1"]
+    cfg = compose_config([*overrides, f"eval.overlap={str(overlap).lower()}"])
+    tracker, _ = federated_tracker(
+        cfg,
+        evaluator,
+        NoPrivacy(),
+        server_strategy(FedAvg()),
+        [rows],
+        out,
+        initial,
+        time.perf_counter(),
     )
     stops = []
     for r, arrays in enumerate(_round_weights(data.num_labels, rounds, nan_round), start=1):
-        stops.append(tracker.on_round(r, arrays, {"train_loss": float(r)}))
+        stops.append(tracker.after_round(r, arrays, {"train_loss": float(r)}))
         if stops[-1]:
             break
     return tracker, rows, stops
+
+
+def _best(tracker: RoundTracker) -> dict[str, Any]:
+    return next(c.best for c in tracker.callbacks if isinstance(c, BestModel))
 
 
 def _learning(row: dict[str, Any]) -> dict[str, Any]:
@@ -88,16 +101,16 @@ def _learning(row: dict[str, Any]) -> dict[str, Any]:
 def test_overlapped_evaluation_logs_what_serial_evaluation_logs(tiny_hdf5: Path, tmp_path: Path):
     serial, serial_rows, _ = _drive(tiny_hdf5, tmp_path / "serial", overlap=False)
     overlap, overlap_rows, _ = _drive(tiny_hdf5, tmp_path / "overlap", overlap=True)
-    last = _round_weights(serial.evaluator.data.num_labels, 4)[-1]
+    last = _round_weights(serial.evaluation.evaluator.data.num_labels, 4)[-1]
 
-    assert overlap.pending is not None and overlap.pending.server_round == 4  # still running
+    assert overlap.pending is not None and overlap.pending[0].number == 4  # still running
     summaries = [t.finish(LoopOutcome(arrays=last, rounds_done=4)) for t in (serial, overlap)]
 
     assert [r["round"] for r in overlap_rows.rows] == [1, 2, 3, 4]
     assert [_learning(r) for r in overlap_rows.rows] == [_learning(r) for r in serial_rows.rows]
     assert all("val_macro_ap" in r and "time_eval_s" in r for r in overlap_rows.rows)
     assert _learning(summaries[1]) == _learning(summaries[0])
-    assert overlap.best["round"] == serial.best["round"]
+    assert _best(overlap)["round"] == _best(serial)["round"]
     saved = [load_checkpoint(tmp_path / name) for name in ("serial", "overlap")]
     assert saved[1]["round"] == saved[0]["round"] == 4
     assert saved[1]["tracker"]["best"] == saved[0]["tracker"]["best"]

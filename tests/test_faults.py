@@ -21,8 +21,8 @@ import torch
 from flair_fl.errors import TrainingDiverged
 from flair_fl.federated.faults import KINDS, FaultSpec
 from flair_fl.federated.sampling import CohortSampler
-from flair_fl.modes.driver import build
-from flair_fl.modes.federated import fault_spec, run_experiment
+from flair_fl.modes.build import build, fault_spec
+from flair_fl.modes.federated import run_experiment
 from tests.helpers import compose_config, metrics_rows
 
 COUNTED = {"raise": "clients_raised", "hang": "clients_timeout", "die": "clients_died"}

@@ -10,20 +10,29 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from flwr.app import ArrayRecord
 
 from flair_fl.artifacts.summarize import CSV_NAME, find_jobs, format_text, summarize, write_outputs
+from flair_fl.federated.callbacks import (
+    BestModel,
+    CentralEval,
+    LogRounds,
+    PrivacyMetrics,
+    RoundTracker,
+)
 from flair_fl.federated.round import LoopOutcome
 from flair_fl.loggers import LoggerErrors, start_logger
 from flair_fl.loggers.console import ConsoleProgress
 from flair_fl.loggers.files import file_logger
 from flair_fl.loggers.wandb import WandbLogger
-from flair_fl.modes.driver import RoundTracker, build
+from flair_fl.modes.build import build
 from flair_fl.privacy import NoPrivacy, PrivacyContext
 from flair_fl.privacy.accounting import update_noise_multiplier
 from flair_fl.privacy.central import AdaptiveClipping, CentralDP
@@ -48,15 +57,21 @@ class CraftedEvaluator:
 
 
 def tracker(out: Path, num_rounds: int, eval_every: int, privacy: object = None) -> RoundTracker:
-    evaluator = CraftedEvaluator()
+    """The after-round work of a run (privacy metrics, best model, loggers), as built for a
+    federated run, around the crafted evaluator."""
+    evaluator: Any = CraftedEvaluator()
+    loggers = [start_logger("csv", file_logger, LoggerErrors(), out_dir=out, run_config={})]
+    started = time.perf_counter()
     return RoundTracker(
-        num_rounds,
-        eval_every,
-        evaluator,  # type: ignore[arg-type]
-        privacy or NoPrivacy(),  # type: ignore[arg-type]
-        [start_logger("csv", file_logger, LoggerErrors(), out_dir=out, run_config={})],
-        out,
+        CentralEval(evaluator, eval_every, num_rounds),
+        [
+            PrivacyMetrics(privacy or NoPrivacy()),  # type: ignore[arg-type]
+            BestModel(evaluator, out),
+            LogRounds(loggers, num_rounds, started),
+        ],
         evaluator(model(0.5), "val"),  # the untrained model scores 0.5
+        out,
+        started,
     )
 
 
@@ -68,7 +83,7 @@ def test_best_is_taken_over_trained_rounds_even_when_the_untrained_model_scores_
 
     # Execute
     for server_round, w in ((1, 0.2), (2, 0.3), (3, 0.25)):
-        run.on_round(server_round, model(w), {"train_loss": 1.0})
+        run.after_round(server_round, model(w), {"train_loss": 1.0})
     summary = run.finish(LoopOutcome(arrays=model(0.25), rounds_done=3))
 
     # Assert
@@ -89,7 +104,7 @@ def test_a_run_stopped_before_its_last_evaluation_takes_the_final_model_as_best(
     # Prepare: 10 rounds planned, evaluation every 5, stopped (budget) after round 3
     run = tracker(tmp_path, num_rounds=10, eval_every=5)
     for server_round in (1, 2, 3):
-        run.on_round(server_round, model(0.1 * server_round), {"train_loss": 1.0})
+        run.after_round(server_round, model(0.1 * server_round), {"train_loss": 1.0})
 
     # Execute
     summary = run.finish(LoopOutcome(arrays=model(0.3), rounds_done=3, stop_reason="budget"))
@@ -102,7 +117,7 @@ def test_a_run_stopped_before_its_last_evaluation_takes_the_final_model_as_best(
 
 def test_results_carry_the_noise_multiplier(tmp_path: Path) -> None:
     run = tracker(tmp_path, 1, 1, privacy=LocalDPSGD(noise_multiplier=1.3))
-    run.on_round(1, model(0.4), {})
+    run.after_round(1, model(0.4), {})
 
     summary = run.finish(LoopOutcome(arrays=model(0.4), rounds_done=1))
 

@@ -90,7 +90,7 @@ def test_scaffold_user_state_survives_rounds_without_the_user(
     execute(cfg, str(tmp_path))
 
     from flair_fl.data.source import FederatedData  # the run's own population, in order
-    from flair_fl.modes.driver import build
+    from flair_fl.modes.build import build
 
     data: FederatedData = build(cfg.data, "data")
     train_users = list(data.reader.population("train"))

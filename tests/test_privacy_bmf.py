@@ -220,7 +220,7 @@ def test_dp_bmf_run_samples_min_separated_cohorts_and_records_the_mechanism(
 
 def test_min_separation_is_a_sampler_config_node_and_dp_bmf_refuses_with_replacement() -> None:
     from flair_fl.errors import ConfigError as Refused
-    from flair_fl.modes.federated import _sampler
+    from flair_fl.modes.build import make_sampler
 
     cfg = compose_config(["sampler=min_separation", "sampler.min_separation=4", "cohort_size=2"])
     users = [f"u{i}" for i in range(20)]
@@ -232,6 +232,6 @@ def test_min_separation_is_a_sampler_config_node_and_dp_bmf_refuses_with_replace
     )
 
     assert isinstance(sampler, MinSeparationSampler) and sampler.min_separation == 4
-    assert isinstance(_sampler(cfg, users, bmf), MinSeparationSampler)
+    assert isinstance(make_sampler(cfg, users, bmf), MinSeparationSampler)
     with pytest.raises(Refused, match="sampler=with_replacement"):
-        _sampler(with_replacement, users, instantiate(with_replacement.privacy))
+        make_sampler(with_replacement, users, instantiate(with_replacement.privacy))

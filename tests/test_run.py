@@ -282,12 +282,12 @@ def test_central_evaluation_halves_its_batch_on_gpu_out_of_memory(
     """No GPU here, so the CUDA out-of-memory error is raised by a wrapper around the real
     evaluation for batches above 4 (a test double only for what cannot run here)."""
     import flair_fl.learning.evaluator as central
-    import flair_fl.modes.driver as driver
+    from flair_fl.modes.build import build, make_model
 
     cfg = compose_config(run_overrides)
-    data = driver.build(cfg.data, "data")
-    model = driver.make_model(cfg, data.num_labels)
-    evaluator = driver.CentralEvaluator(model, data, 64, torch.device("cpu"))
+    data = build(cfg.data, "data")
+    model = make_model(cfg, data.num_labels)
+    evaluator = central.CentralEvaluator(model, data, 64, torch.device("cpu"))
     expected = evaluator(ArrayRecord(trainable_state(model)), "val")
     real, batches = central.evaluate, []
 

@@ -16,7 +16,7 @@ from flair_fl.loggers import (
     start_logger,
 )
 from flair_fl.loggers.files import FileLogger
-from flair_fl.modes.driver import build_loggers
+from flair_fl.modes.build import build_loggers
 from tests.failing import BrokenLogger
 from tests.helpers import compose_config
 

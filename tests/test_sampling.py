@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flair_fl.federated.sampling import CohortSampler, WithReplacementSampler, repeat_indices
-from flair_fl.modes.federated import _sampler
+from flair_fl.modes.build import make_sampler
 from tests.helpers import compose_config
 
 USERS = [f"u{i}" for i in range(5)]
@@ -21,11 +21,11 @@ USERS = [f"u{i}" for i in range(5)]
 def test_sampler_group_builds_the_configured_sampler(option: str, kind: type) -> None:
     cfg = compose_config([f"sampler={option}", "cohort_size=4"])
 
-    sampler = _sampler(cfg, USERS)
+    sampler = make_sampler(cfg, USERS)
 
     assert type(sampler) is kind
     assert (sampler.cohort_size, sampler.seed) == (4, cfg.seed)
-    assert sampler.sample(3) == _sampler(cfg, USERS).sample(3)  # seeded by (seed, round)
+    assert sampler.sample(3) == make_sampler(cfg, USERS).sample(3)  # seeded by (seed, round)
 
 
 def test_with_replacement_draws_each_member_independently_and_uniformly() -> None:
@@ -62,7 +62,7 @@ def test_with_replacement_under_central_dp_warns_that_epsilon_does_not_cover_it(
         [f"privacy={privacy}", "sampler=with_replacement", "cohort_size=2", "num_rounds=3"]
     )
 
-    _sampler(cfg, [f"u{i}" for i in range(50)], instantiate(cfg.privacy))
+    make_sampler(cfg, [f"u{i}" for i in range(50)], instantiate(cfg.privacy))
 
     says = [r.getMessage() for r in caplog.records if "contributes twice" in r.getMessage()]
     assert bool(says) is warned, says

@@ -19,7 +19,7 @@ import torch
 
 from flair_fl.algorithms.fedopt import ServerOptimizer
 from flair_fl.federated.schedule import ScheduledServerLR, ServerLRSchedule
-from flair_fl.modes.federated import _build_strategy
+from flair_fl.modes.build import build_strategy
 from flair_fl.privacy import PrivacyContext
 from tests.helpers import compose_config
 
@@ -54,7 +54,7 @@ def pfl_lr_by_round(last_round: int) -> dict[int, float]:
 def preset_schedule(preset: str = "fl_r_17") -> ScheduledServerLR:
     cfg = compose_config([f"experiment={preset}", "num_rounds=5000"])
     context = PrivacyContext(200, 41131, cfg.num_rounds, 0, "uniform-weight")
-    _, schedule = _build_strategy(cfg, context)
+    _, schedule = build_strategy(cfg, context)
     return schedule
 
 
@@ -111,7 +111,7 @@ def test_polynomial_schedule_refusals() -> None:
         cfg = compose_config(
             ["experiment=fl_r_17", "num_rounds=100", "server_lr_schedule.lr_end=0.5"]
         )
-        _build_strategy(cfg, PrivacyContext(200, 41131, cfg.num_rounds, 0, "uniform-weight"))
+        build_strategy(cfg, PrivacyContext(200, 41131, cfg.num_rounds, 0, "uniform-weight"))
 
 
 def test_warns_when_the_run_ends_inside_the_warm_up(caplog: pytest.LogCaptureFixture) -> None:
@@ -121,11 +121,11 @@ def test_warns_when_the_run_ends_inside_the_warm_up(caplog: pytest.LogCaptureFix
 
     # Execute
     with caplog.at_level(logging.WARNING):
-        _build_strategy(cfg, context)
+        build_strategy(cfg, context)
         warned_short = [r.getMessage() for r in caplog.records]
         caplog.clear()
         longer = compose_config(["experiment=fl_r_17", "num_rounds=31"])
-        _build_strategy(longer, context)
+        build_strategy(longer, context)
 
     # Assert
     assert any("num_rounds=30 ends before the server lr warm-up" in m for m in warned_short)

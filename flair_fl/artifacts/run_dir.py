@@ -1,5 +1,5 @@
 """What a run directory says about its run: who is running in it (the lock) and whether the
-run is finished.
+run is finished (`results.json`: its headline numbers, written last by `write_results`).
 
 One run per run dir: a run (or a resume) takes `<run dir>/run.lock`, an exclusive `flock` on
 a file holding the holder's pid, host and start time, and gives it back when it ends. A
@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flair_fl.artifacts.durable import write_atomically
 from flair_fl.errors import ConfigError, RunDirBusy
 from flair_fl.services.processes import pid_alive, this_host
 
@@ -145,3 +146,25 @@ def finished_summary(run_dir: Path) -> dict[str, Any] | None:
         for key, value in (results.get(group) or {}).items():
             summary[f"{group}_{key}"] = value
     return summary
+
+
+def write_results(summary: dict[str, Any], out: Path) -> None:
+    """`results.json`: the run's headline numbers grouped by model (untrained, best-val,
+    final) and split, next to the flat `summary.json` the loggers write. Written last: it
+    marks the run finished (a resume then leaves the run dir as it is)."""
+    groups: dict[str, dict[str, Any]] = {"untrained": {}, "best": {}, "final": {}}
+    for key, value in summary.items():
+        prefix, _, rest = key.partition("_")
+        if prefix in groups and rest:
+            groups[prefix][rest] = value
+    results = {
+        "rounds": summary.get("rounds"),
+        "best_round": summary.get("best_round"),
+        "stop_reason": summary.get("stop_reason"),
+        **groups,
+        "privacy": {
+            k[len("privacy_") :]: v for k, v in summary.items() if k.startswith("privacy_")
+        },
+        "wall_time_s": summary.get("wall_time_s"),
+    }
+    write_atomically(out / RESULTS_NAME, json.dumps(results, indent=2, default=str))

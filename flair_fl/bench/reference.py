@@ -22,14 +22,14 @@ from flair_fl.data.source import FederatedData, open_reader
 from flair_fl.federated.client_app import train_images
 from flair_fl.federated.sampling import CohortSampler
 from flair_fl.learning.local_training import train_local
-from flair_fl.modes.driver import build, device_for
+from flair_fl.modes.build import build, device_for
 from flair_fl.services.memory import peak_rss_mb
 from flair_fl.services.seeds import derive_seed
 
 
 def run_reference(cfg: DictConfig, workdir: Path, threads: int = 1) -> list[dict[str, Any]]:
     """Per-round timings of the reference on the run config's workload."""
-    from flair_fl.modes.federated import client_spec  # the exact spec flair-fl's clients get
+    from flair_fl.modes.build import client_spec  # the exact spec flair-fl's clients get
 
     torch.set_num_threads(threads)
     data: FederatedData = build(cfg.data, "data")

@@ -85,7 +85,7 @@ class SafeLogger:
             self._guard("log_untrained", log_untrained, metrics)
 
     def resume_from(self, last_round: int) -> None:
-        """Forwarded to loggers that keep history (`RoundTracker.resume`); others skip it."""
+        """Forwarded to loggers that keep history (`LogRounds.resume`); others skip it."""
         resume_from = getattr(self.inner, "resume_from", None)
         if resume_from is not None:
             self._guard("resume_from", resume_from, last_round)

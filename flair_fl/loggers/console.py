@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -56,3 +57,51 @@ class ConsoleProgress:
 
     def log_round(self, server_round: int, metrics: dict[str, Any]) -> None:
         print(self.line(server_round, metrics), flush=True)
+
+
+def print_summary(summary: dict[str, Any], out: Path) -> None:
+    """The run's headline numbers, printed when it ends."""
+    rows = [
+        (
+            "val macro AP (untrained -> final)",
+            f"{summary['untrained_val_macro_ap']:.4f} -> {summary['final_val_macro_ap']:.4f}",
+        ),
+        (
+            "val micro AP (untrained -> final)",
+            f"{summary['untrained_val_micro_ap']:.4f} -> {summary['final_val_micro_ap']:.4f}",
+        ),
+    ]
+    if "best_val_macro_ap" in summary:
+        rows.append(
+            (
+                "best val macro AP",
+                f"{summary['best_val_macro_ap']:.4f} (round {summary['best_round']})",
+            )
+        )
+    if "best_test_macro_ap" in summary:
+        rows.append(
+            (
+                "test macro / micro AP (best-val model)",
+                f"{summary['best_test_macro_ap']:.4f} / {summary['best_test_micro_ap']:.4f}",
+            )
+        )
+    if "final_test_macro_ap" in summary:
+        rows.append(
+            (
+                "test macro / micro AP (final model)",
+                f"{summary['final_test_macro_ap']:.4f} / {summary['final_test_micro_ap']:.4f}",
+            )
+        )
+    rows.append(("wall time", f"{summary['wall_time_s']:.1f} s"))
+    width = max(len(k) for k, _ in rows)
+    print(
+        "\n".join(
+            [
+                "",
+                "flair-fl summary",
+                *(f"  {k:<{width}}  {v}" for k, v in rows),
+                f"  outputs: {out}",
+            ]
+        ),
+        flush=True,
+    )

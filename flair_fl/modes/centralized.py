@@ -25,17 +25,17 @@ from flair_fl.data.augment import TrainAugment
 from flair_fl.data.hdf5 import FlairReader, LabelSet
 from flair_fl.data.source import FederatedData, check_label
 from flair_fl.errors import ConfigError
+from flair_fl.federated.callbacks import BestModel, CentralEval, LogRounds, RoundTracker
 from flair_fl.federated.round import LoopOutcome
 from flair_fl.models.params import trainable_state
-from flair_fl.modes.config_checks import validate_run_config
-from flair_fl.modes.driver import (
-    RoundTracker,
+from flair_fl.modes.build import (
     build,
     build_loggers,
     central_evaluator,
     device_for,
     make_model,
 )
+from flair_fl.modes.config_checks import validate_run_config
 from flair_fl.privacy import NoPrivacy
 from flair_fl.services.seeds import derive_seed
 
@@ -92,14 +92,16 @@ def run_central(
     clip_per_tensor: bool = False,
 ) -> dict[str, Any]:
     """Train centrally for `epochs`; evaluate on val every `eval_every` epochs."""
+    # 1. run dir and config checks; no differential privacy in this mode
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     validate_run_config(cfg)
-    if not str(cfg.privacy.get("_target_", "")).endswith("NoPrivacy"):
+    if not isinstance(build(cfg.privacy, "privacy"), NoPrivacy):
         raise ConfigError(
             "mode=central trains without differential privacy; use privacy=none "
             "(DP applies to federated runs)"
         )
+    # 2. data, model (seeded), central evaluation, loggers, the untrained model's val
     data: FederatedData = build(cfg.data, "data")
     data.require_splits("train", "val", *(["test"] if cfg.eval.test_at_end else []))
     check_label(data)
@@ -118,35 +120,69 @@ def run_central(
         f"{initial_val['val_macro_ap']:.4f}",
         flush=True,
     )
+    # 3. after-epoch work: evaluation every eval_every epochs, best model, loggers
+    started = time.perf_counter()
     tracker = RoundTracker(
-        epochs,
-        cfg.eval_every,
-        evaluator,
-        NoPrivacy(),
-        loggers,
-        out,
+        CentralEval(evaluator, cfg.eval_every, epochs),
+        [
+            BestModel(evaluator, out, test_at_end=cfg.eval.test_at_end),
+            LogRounds(loggers, epochs, started, unit="epoch"),
+        ],
         initial_val,
+        out,
+        started,
         test_at_end=cfg.eval.test_at_end,
-        unit="epoch",
     )
+    # 4. the epochs
     params = [p for p in model.parameters() if p.requires_grad]
     opt = (optimizer or torch.optim.Adam)(params)
-    augment = TrainAugment(data.input_size)
+    train = _Epoch(data, model, device, opt, params, batch_size, shuffle_buffer, cfg.seed)
     for epoch in range(1, epochs + 1):
+        metrics = train(epoch, grad_clip, clip_per_tensor)
+        tracker.after_round(epoch, ArrayRecord(trainable_state(model)), metrics)
+    # 5. final and test evaluation, summary
+    return tracker.finish(
+        LoopOutcome(arrays=ArrayRecord(trainable_state(model)), rounds_done=epochs)
+    )
+
+
+class _Epoch:
+    """One epoch of central training: the train split streamed in a seeded order, each
+    batch augmented on the training device."""
+
+    def __init__(
+        self,
+        data: FederatedData,
+        model: torch.nn.Module,
+        device: torch.device,
+        opt: torch.optim.Optimizer,
+        params: list[torch.nn.Parameter],
+        batch_size: int,
+        shuffle_buffer: int,
+        seed: int,
+    ):
+        self.data, self.model, self.device, self.opt, self.params = data, model, device, opt, params
+        self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
+        self.augment = TrainAugment(data.input_size)
+
+    def __call__(
+        self, epoch: int, grad_clip: float | None, clip_per_tensor: bool
+    ) -> dict[str, float]:
         started = time.perf_counter()
+        data, model, device, opt, params = self.data, self.model, self.device, self.opt, self.params
         stream = ShuffledSplit(
             data.reader,
             "train",
             data.label_set,
             data.label_index,
-            shuffle_buffer,
-            derive_seed(cfg.seed, "central-epoch", epoch),
+            self.shuffle_buffer,
+            derive_seed(self.seed, "central-epoch", epoch),
         )
-        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "central-augment", epoch))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "central-augment", epoch))
         model.to(device).train()
         loss_sum, seen = 0.0, 0
-        for batch, labels in DataLoader(stream, batch_size=batch_size):
-            images, targets = augment(batch.to(device), generator), labels.to(device)
+        for batch, labels in DataLoader(stream, batch_size=self.batch_size):
+            images, targets = self.augment(batch.to(device), generator), labels.to(device)
             opt.zero_grad(set_to_none=True)
             loss = F.binary_cross_entropy_with_logits(model(images), targets)
             loss.backward()
@@ -155,11 +191,7 @@ def run_central(
                     torch.nn.utils.clip_grad_norm_(group, grad_clip)
             opt.step()
             loss_sum, seen = loss_sum + loss.item() * len(images), seen + len(images)
-        metrics = {
+        return {
             "train_loss": loss_sum / max(seen, 1),
             "round_time_s": time.perf_counter() - started,
         }
-        tracker.on_round(epoch, ArrayRecord(trainable_state(model)), metrics)
-    return tracker.finish(
-        LoopOutcome(arrays=ArrayRecord(trainable_state(model)), rounds_done=epochs)
-    )
