@@ -31,7 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
         (["privacy=dp_bmf", "strategy=scaffold"], "with strategy=scaffold"),
         (["privacy=dp_bmf", "privacy.bands=60"], "privacy.bands=60: must be in [1, 48]"),
         (["privacy=dp", "aggregation=examples"], "needs aggregation=uniform"),
-        (["mode=central", "privacy=dp_sgd"], "mode=central trains without"),
         (["privacy=dp", "privacy.noise_multiplier=inf"], "privacy.noise_multiplier=inf: must be a"),
         (["privacy=dp", "privacy.clip_norm=inf"], "privacy.clip_norm=inf: must be a finite"),
         (["privacy=dp", "privacy.epsilon=inf"], "privacy.epsilon=inf: must be a finite"),
@@ -68,6 +67,20 @@ def test_each_bad_config_is_refused_naming_the_key(overrides: list[str], needle:
     problems = config_problems(cfg)
 
     assert any(needle in p for p in problems), problems
+
+
+@pytest.mark.parametrize("privacy", ["dp", "dp_sgd"])
+def test_central_mode_refuses_differential_privacy_by_type_before_the_data(
+    privacy: str, tmp_path: Path
+) -> None:
+    """mode=central refuses any mechanism but NoPrivacy (by the built object's type)."""
+    from flair_fl.modes.centralized import run_central
+
+    cfg = compose_config(["mode=central", f"privacy={privacy}"])
+
+    with pytest.raises(ConfigError, match="mode=central trains without differential privacy"):
+        run_central(cfg, tmp_path)
+    assert not (tmp_path / "config_resolved.yaml").exists()  # written once the data is open
 
 
 def test_eval_overlap_accepts_the_booleans_yaml_gives() -> None:

@@ -201,11 +201,6 @@ COMBINATIONS: tuple[tuple[Callable[[DictConfig], bool], str], ...] = (
         "strategy=adafedprox with eval.overlap=true: mu must adapt before the next round "
         "trains; use eval.overlap=false or auto",
     ),
-    (
-        lambda c: not _federated(c) and not _target(c, "privacy").endswith("NoPrivacy"),
-        "mode=central trains without differential privacy; use privacy=none "
-        "(DP applies to federated runs)",
-    ),
 )
 
 
