@@ -345,24 +345,15 @@ class RoundTracker:
         if self.settle():  # an earlier round's evaluation stopped the run: this one is void
             return True
         rnd = Round(server_round, arrays, metrics)
-        evaluates = self.evaluation.due(server_round)
-        if evaluates and self.evaluation.background is not None:
-            self._before_eval(rnd)
-            self.pending = (rnd, self.evaluation.submit(arrays))
-            return False
-        if evaluates:
-            # In line, the round's metrics get val before the callbacks capture its state
-            # (the order a serial run always had; the evaluation changes no server state).
-            val = self.evaluation(arrays)
-            self._before_eval(rnd)
-            metrics.update(val)
-        else:
-            self._before_eval(rnd)
-        return self._book(rnd)
-
-    def _before_eval(self, rnd: Round) -> None:
         for callback in self.callbacks:
             callback.before_eval(rnd)
+        if not self.evaluation.due(server_round):
+            return self._book(rnd)
+        if self.evaluation.background is not None:
+            self.pending = (rnd, self.evaluation.submit(arrays))
+            return False
+        metrics.update(self.evaluation(arrays))
+        return self._book(rnd)
 
     def settle(self) -> bool:
         """Wait for a background evaluation and book its round; True if it stopped the run."""
