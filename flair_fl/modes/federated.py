@@ -93,16 +93,9 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     plan.transport.check_room(sum(a.numpy().nbytes for a in initial.values()))
     # Until a round is done, the model is the one the run starts from (the checkpoint's).
     outcome = LoopOutcome(arrays=initial, rounds_done=start_round - 1)
-    server_app = make_server_app(
-        strategy,
-        round_privacy,
-        initial,
-        plan,
-        tracker.after_round,
-        outcome,
-        tracker.on_fed_eval,
-        start_round,
-    )
+    # the loop calls the tracker after each round and writes its results into `outcome`
+    hooks = (tracker.after_round, outcome, tracker.on_fed_eval, start_round)
+    server_app = make_server_app(strategy, round_privacy, initial, plan, *hooks)
     client_app = make_client_app(client_spec(cfg, data, privacy, out))
     if start_round <= cfg.num_rounds:
         _simulate(cfg, server_app, client_app, outcome)
