@@ -11,7 +11,7 @@ federated evaluation. For each round the tracker
    (`CentralEval`): in line, or in a background thread while the next round trains, the
    round then booked when its evaluation is in, before the round after next is sent;
 4. marks the round diverged if its val loss is not finite (the run stops);
-5. calls each callback's `after_eval`, in list order: best-val model, adaptive mu,
+5. calls each callback's `after_eval`, in list order: adaptive mu, best-val model,
    loggers and console, checkpoint (not of a diverged model).
 
 The run ends in one of three ways: `finish` (final and test evaluation, summary),
