@@ -25,8 +25,8 @@ from flair_fl.models.small_cnn import small_cnn
 from flair_fl.modes.build import federated_tracker
 from flair_fl.modes.federated import run_experiment
 from flair_fl.privacy import NoPrivacy
-from tests.helpers import compose_config
-from tests.test_resume import _kill_after_round, _rows, _run, resume_and_compare
+from tests.helpers import compose_config, metrics_rows
+from tests.test_resume import _kill_after_round, _run, resume_and_compare
 
 
 class Rows:
@@ -156,7 +156,7 @@ def test_overlapped_run_equals_serial_run(run_overrides: list[str], tmp_path: Pa
     for overlap in ("false", "true"):
         out = tmp_path / overlap
         run_experiment(compose_config([*common, f"eval.overlap={overlap}"]), out)
-        rows.append([_learning(r) for r in _rows(out)])
+        rows.append([_learning(r) for r in metrics_rows(out)])
 
     assert [r["round"] for r in rows[1]] == [1, 2, 3]
     assert all("val_macro_ap" in r and "fedval_macro_ap" in r for r in rows[1])
