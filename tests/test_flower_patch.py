@@ -18,8 +18,9 @@ from flwr.simulation.ray_transport.ray_actor import BasicActorPool
 from ray.exceptions import RayActorError
 
 import tests.flower_messages  # noqa: F401  (sets Flower's task identity for Message())
+from flair_fl import protocol
 from flair_fl.errors import FlowerPatchMismatch
-from flair_fl.federated import flower_patch, protocol
+from flair_fl.federated import flower_patch
 
 
 def test_the_installed_flower_has_what_the_patch_needs() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.common.constant import ErrorCode
 
-from flair_fl.federated import protocol
+from flair_fl import protocol
 from flair_fl.learning.metrics import MetricState
 
 

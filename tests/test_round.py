@@ -16,13 +16,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from flair_fl.federated.contract import ServerStrategy, server_strategy
-from flair_fl.federated.protocol import CLIENT_TIMEOUT
 from flair_fl.federated.round import LoopOutcome, RoundPlan, run_rounds
 from flair_fl.federated.sampling import CohortSampler
 from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.central_stages import CentralDPStages, NoiseSettings
 from flair_fl.privacy.local import LocalDPSGD
 from flair_fl.privacy.stages import PlainMean, RoundPrivacy
+from flair_fl.protocol import CLIENT_TIMEOUT
 from flair_fl.services import stopping
 from tests.fake_grid import FakeGrid, failed, numpy_of, record, reply_content
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from flair_fl.federated.protocol import Layout, flatten_record
 from flair_fl.federated.round import is_measurement
 from flair_fl.federated.transport import SharedTransport, map_flat, write_flat
 from flair_fl.modes.federated import run_experiment
+from flair_fl.protocol import Layout, flatten_record
 from tests.helpers import compose_config, metrics_rows
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord
 
-from flair_fl.federated.protocol import PROXIMAL_MU_KEY
+from flair_fl.protocol import PROXIMAL_MU_KEY
 
 METRICS = ("val_loss",)  # central val metrics where lower is better
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import MetricRecord
 
-from flair_fl.federated.protocol import Layout
+from flair_fl.protocol import Layout
 
 
 def _check_layout(expected: Layout | None, layout: Layout) -> str | None:

@@ -40,7 +40,6 @@ from flair_fl.algorithms.fedprox import AdaptiveMu
 from flair_fl.artifacts.checkpoint import CHECKPOINT_NAME, atomic_save, save_checkpoint
 from flair_fl.artifacts.run_dir import write_results
 from flair_fl.federated.contract import ServerStrategy
-from flair_fl.federated.protocol import METRICS_KEY, metric_state_from_record
 from flair_fl.federated.round import LoopOutcome
 from flair_fl.learning.evaluator import CentralEvaluator
 from flair_fl.learning.metrics import MetricState
@@ -48,6 +47,7 @@ from flair_fl.loggers import RunLogger
 from flair_fl.loggers.console import ConsoleProgress, print_summary
 from flair_fl.models.params import trainable_state
 from flair_fl.privacy import Privacy
+from flair_fl.protocol import METRICS_KEY, metric_state_from_record
 
 
 @dataclass

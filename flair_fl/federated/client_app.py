@@ -27,7 +27,11 @@ from flair_fl.data.eval_split import EvalImages
 from flair_fl.data.hdf5 import FlairReader, LabelSet
 from flair_fl.data.source import open_reader
 from flair_fl.federated import faults
-from flair_fl.federated.protocol import (
+from flair_fl.federated.transport import map_flat, write_flat
+from flair_fl.federated.user_state import UserStateStore
+from flair_fl.learning.local_training import LocalTraining, evaluate, train_local
+from flair_fl.models.params import load_trainable, trainable_state
+from flair_fl.protocol import (
     ARRAYS_KEY,
     COHORT_INDEX_KEY,
     CONFIG_KEY,
@@ -49,10 +53,6 @@ from flair_fl.federated.protocol import (
     Layout,
     metric_state_to_record,
 )
-from flair_fl.federated.transport import map_flat, write_flat
-from flair_fl.federated.user_state import UserStateStore
-from flair_fl.learning.local_training import LocalTraining, evaluate, train_local
-from flair_fl.models.params import load_trainable, trainable_state
 from flair_fl.services.memory import peak_rss_mb
 from flair_fl.services.seeds import derive_seed
 

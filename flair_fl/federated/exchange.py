@@ -20,7 +20,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from flair_fl.federated.aggregate import MeanReduction, MetricsReduction
-from flair_fl.federated.protocol import (
+from flair_fl.federated.sampling import repeat_indices
+from flair_fl.federated.transport import MessageTransport
+from flair_fl.protocol import (
     ARRAYS_KEY,
     COHORT_INDEX_KEY,
     CONFIG_KEY,
@@ -32,8 +34,6 @@ from flair_fl.federated.protocol import (
     Layout,
     failure_kind,
 )
-from flair_fl.federated.sampling import repeat_indices
-from flair_fl.federated.transport import MessageTransport
 from flair_fl.services import stopping
 
 log = logging.getLogger(__name__)

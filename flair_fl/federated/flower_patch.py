@@ -30,8 +30,8 @@ from typing import Any
 
 from flwr.app import Context, Error, Message
 
+from flair_fl import protocol
 from flair_fl.errors import ClientActorDied, ClientStopped, ClientTimeout, FlowerPatchMismatch
-from flair_fl.federated import protocol
 from flair_fl.services import stopping
 
 FLWR_VERSIONS = ((1, 42), (1, 43))  # [from, to) major.minor the patch was checked against

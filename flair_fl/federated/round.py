@@ -38,10 +38,10 @@ from flair_fl.federated.exchange import (
     exchange,
     wait_for_nodes,
 )
-from flair_fl.federated.protocol import SERVER_ROUND_KEY, SPLIT_KEY
 from flair_fl.federated.sampling import Sampler
 from flair_fl.federated.transport import MessageTransport
 from flair_fl.privacy.stages import RoundPrivacy
+from flair_fl.protocol import SERVER_ROUND_KEY, SPLIT_KEY
 from flair_fl.services import stopping
 from flair_fl.services.memory import peak_rss_mb
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from flair_fl.federated.protocol import (
+from flair_fl.protocol import (
     LAYOUT_KEY,
     META_KEY,
     REPLY_DIR_KEY,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
@@ -30,15 +30,20 @@ from flair_fl.federated.callbacks import (
 from flair_fl.federated.client_app import ClientSpec
 from flair_fl.federated.contract import ServerStrategy, server_strategy
 from flair_fl.federated.faults import FaultSpec
-from flair_fl.federated.protocol import EXAMPLES_WEIGHT_KEY, UNIFORM_WEIGHT_KEY
 from flair_fl.federated.round import RoundPlan
-from flair_fl.federated.sampling import CohortSampler, Sampler, WithReplacementSampler
+from flair_fl.federated.sampling import (
+    CohortSampler,
+    MinSeparationSampler,
+    Sampler,
+    WithReplacementSampler,
+)
 from flair_fl.federated.schedule import ScheduledServerLR, ServerLRSchedule
 from flair_fl.federated.transport import make_transport
 from flair_fl.learning.evaluator import CentralEvaluator, overlap_enabled
 from flair_fl.learning.local_training import LocalTraining
 from flair_fl.loggers import LoggerErrors, SafeLogger, start_logger
 from flair_fl.privacy import Privacy, PrivacyContext
+from flair_fl.protocol import EXAMPLES_WEIGHT_KEY, UNIFORM_WEIGHT_KEY
 
 log = logging.getLogger(__name__)
 WEIGHT_KEYS = {"uniform": UNIFORM_WEIGHT_KEY, "examples": EXAMPLES_WEIGHT_KEY}
@@ -254,14 +259,17 @@ def make_sampler(
 ) -> Sampler:
     """The configured cohort sampler (`sampler` group) over the train users, or the one
     the privacy mechanism's guarantee needs (`privacy=dp_bmf`: min-separation)."""
-    required = privacy.make_sampler(train_users, cfg.cohort_size, cfg.seed) if privacy else None
-    if required is not None:
+    separation = privacy.required_separation() if privacy else None
+    if separation is not None:
         if str(cfg.sampler.get("_target_", "")).endswith("WithReplacementSampler"):
             raise ConfigError(
                 "sampler=with_replacement: privacy=dp_bmf samples min-separated cohorts "
                 "itself (privacy.min_separation); use the default sampler"
             )
-        return cast(Sampler, required)
+        try:
+            return MinSeparationSampler(train_users, cfg.cohort_size, cfg.seed, separation)
+        except ValueError as err:
+            raise ConfigError(f"privacy.min_separation={separation}: {err}") from None
     factory = build(cfg.sampler, "sampler")
     try:
         sampler: Sampler = factory(train_users, cfg.cohort_size, cfg.seed)

@@ -44,8 +44,9 @@ class Privacy(Protocol):
         """Plain settings for client-side DP (DP-SGD), or None."""
         ...
 
-    def make_sampler(self, user_ids: list[str], cohort_size: int, seed: int) -> Any:
-        """The train-cohort sampler the guarantee requires (banded MF), or None."""
+    def required_separation(self) -> int | None:
+        """Rounds a user's participations must lie apart for the guarantee to hold (banded
+        MF: the run then samples min-separated cohorts), or None: any cohort sampler."""
         ...
 
     def round_metrics(self, server_round: int) -> dict[str, float]:
@@ -84,7 +85,7 @@ class NoPrivacy:
     def client_settings(self) -> dict[str, Any] | None:
         return None
 
-    def make_sampler(self, user_ids: list[str], cohort_size: int, seed: int) -> Any:
+    def required_separation(self) -> int | None:
         return None
 
     def round_metrics(self, server_round: int) -> dict[str, float]:

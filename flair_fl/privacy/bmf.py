@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from flair_fl.errors import ConfigError
-from flair_fl.federated.sampling import MinSeparationSampler
 from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.bmf_accounting import participation
 from flair_fl.privacy.bmf_factorization import (
@@ -141,11 +140,9 @@ class BandedMFDP(CentralDP):
         self.noise_state = BandedNoise(band)
         return self.noise_state
 
-    def make_sampler(self, user_ids: list[str], cohort_size: int, seed: int) -> Any:
-        try:
-            return MinSeparationSampler(user_ids, cohort_size, seed, self.min_separation)
-        except ValueError as err:
-            raise ConfigError(f"privacy.min_separation={self.min_separation}: {err}") from None
+    def required_separation(self) -> int | None:
+        """min_separation: the sensitivity (one column of C per participation) needs it."""
+        return self.min_separation
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

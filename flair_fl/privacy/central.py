@@ -23,7 +23,6 @@ from typing import Any
 from torch import nn
 
 from flair_fl.errors import ConfigError
-from flair_fl.federated.protocol import UNIFORM_WEIGHT_KEY
 from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.accounting import (
     ACCOUNTANTS,
@@ -40,6 +39,7 @@ from flair_fl.privacy.central_stages import (
     RoundStats,
 )
 from flair_fl.privacy.clipping import QuantileClipNorm
+from flair_fl.protocol import UNIFORM_WEIGHT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +246,8 @@ class CentralDP:
         """How noise is correlated across rounds (banded MF); None: independent."""
         return None
 
-    def make_sampler(self, user_ids: list[str], cohort_size: int, seed: int) -> Any:
-        """The train-cohort sampler the guarantee needs; None: the run's own."""
+    def required_separation(self) -> int | None:
+        """None: the guarantee holds for any cohort sampler (Poisson-like, see accounting)."""
         return None
 
     def client_settings(self) -> dict[str, Any] | None:

@@ -28,10 +28,10 @@ from typing import Protocol
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from flair_fl.federated.protocol import Layout, flatten_record
 from flair_fl.privacy.clip import UpdateClip
 from flair_fl.privacy.clipping import QuantileClipNorm
 from flair_fl.privacy.stages import RoundSum
+from flair_fl.protocol import Layout, flatten_record
 from flair_fl.services.seeds import derive_seed
 
 

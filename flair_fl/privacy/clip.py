@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flair_fl.federated.protocol import Layout
+from flair_fl.protocol import Layout
 
 
 @dataclass

@@ -14,12 +14,12 @@ from flwr.app import Message
 from torch import nn
 
 from flair_fl.errors import ConfigError
-from flair_fl.federated.protocol import EXAMPLES_WEIGHT_KEY, META_KEY
 from flair_fl.privacy import PrivacyContext
 from flair_fl.privacy.accounting import SampleLevelLedger
 from flair_fl.privacy.dp_sgd import DPSGDSettings, poisson_sample_rate
 from flair_fl.privacy.opacus_models import require_dp_sgd_compatible
 from flair_fl.privacy.stages import PlainMean
+from flair_fl.protocol import EXAMPLES_WEIGHT_KEY, META_KEY
 
 
 class LedgerStage(PlainMean):
@@ -66,7 +66,7 @@ class LocalDPSGD:
     def client_settings(self) -> dict[str, Any] | None:
         return dict(self.settings.__dict__)
 
-    def make_sampler(self, user_ids: list[str], cohort_size: int, seed: int) -> Any:
+    def required_separation(self) -> int | None:
         return None  # any cohort sampling: the guarantee is per image, composed per user
 
     def check_model(self, model: nn.Module) -> None:

@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from flair_fl.federated.protocol import Layout
+from flair_fl.protocol import Layout
 
 
 class RoundSum(Protocol):
