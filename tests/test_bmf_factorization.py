@@ -208,3 +208,16 @@ def test_against_pfl_research_factorizer(tmp_path: Path) -> None:
     draws = np.array(pfl["draws"])
     ours_noise = np.stack([noise.step(d) for d in draws])
     np.testing.assert_allclose(ours_noise, np.array(pfl["noise"]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("factorization", ["sqrt", "optimized"])
+@pytest.mark.parametrize(("rounds", "bands"), [(1, 4), (2, 4), (3, 47)])
+def test_a_run_shorter_than_the_bands_gets_a_valid_factorization(
+    tmp_path: Path, factorization: str, rounds: int, bands: int
+) -> None:
+    # e.g. debug=tiny (2 rounds) with privacy=dp_bmf: bands below the last row hold nothing
+    band = strategy_band(factorization, rounds, bands, tmp_path)
+    c = dense(band)
+    a = np.tril(np.ones((rounds, rounds)))
+    assert prefix_sum_loss(band) == pytest.approx(float(np.sum((a @ np.linalg.inv(c)) ** 2)))
+    assert np.all(column_norms(band) <= 1 + 1e-9)  # sensitivity at most one clip norm

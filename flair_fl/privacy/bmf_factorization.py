@@ -81,7 +81,7 @@ def gram_band(band: np.ndarray) -> np.ndarray:
     gram = np.zeros_like(band)
     # (C^T C)[j + k, j] = sum_m C[j + m, j + k] C[j + m, j], m = k .. bands - 1
     for k in range(bands):
-        for m in range(k, bands):
+        for m in range(k, min(bands, rounds)):  # a band below the last row holds nothing
             width = rounds - m
             gram[k, :width] += band[m - k, k : k + width] * band[m, :width]
     return gram
@@ -94,7 +94,7 @@ def column_norms(band: np.ndarray) -> np.ndarray:
 
 def prefix_sum_loss(band: np.ndarray) -> float:
     """||A C^-1||_F^2: total variance of the noise on the T prefix sums, in units of sigma^2."""
-    return _loss(gram_band(band))
+    return _loss(gram_band(band[: band.shape[1]]))  # bands below the last row hold nothing
 
 
 def strategy_from_gram(gram: np.ndarray) -> np.ndarray:
@@ -179,11 +179,15 @@ def optimize_gram(
 def strategy_band(
     factorization: str, rounds: int, bands: int, cache_dir: str | os.PathLike[str] | None
 ) -> np.ndarray:
-    """C for `rounds` rounds and `bands` bands; `optimized` is read from / written to the cache."""
+    """C for `rounds` rounds and `bands` bands; `optimized` is read from / written to the cache.
+
+    Bands below the last row hold nothing, so a run shorter than `bands` rounds optimises
+    over `rounds` bands (the same set of matrices)."""
     if factorization == "sqrt":
         return sqrt_band(rounds, bands)
     if factorization != "optimized":
         raise ValueError(f"factorization={factorization!r}: one of {', '.join(FACTORIZATIONS)}")
+    bands = min(bands, rounds)
     path = None
     if cache_dir is not None:
         name = f"bmf-optimized-T{rounds}-b{bands}-tol{GRADIENT_TOLERANCE:g}-v{_CACHE_VERSION}.npy"
