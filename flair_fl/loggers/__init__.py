@@ -15,7 +15,7 @@ from flair_fl.errors import ConfigError
 class RunLogger(Protocol):
     """What every logger (csv/jsonl, wandb, ...) implements.
 
-    Loggers are built by `driver.build_loggers` from the `logger` config group: each entry's
+    Loggers are built by `modes.build.build_loggers` from the `logger` config group: each entry's
     `_target_` is called with `out_dir` (the run directory) and `run_config` (the resolved
     config as a dict), plus its own config keys.
     """
