@@ -122,6 +122,38 @@ def test_round_trip_images_and_targets(
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_interleaved_reads_return_each_users_own_data(
+    layout: Layout, prepared: dict[Layout, Path], expected: dict[str, ExpectedUser]
+) -> None:
+    # Prepare: a reader keeps the last user it opened; every way of reading must still
+    # give the user asked for, also after its file handle was closed under it.
+    reader = FlairHDF5(prepared[layout])
+    mapping = reader.label_mapping("coarse")
+    users = sorted(expected)
+    order = [users[0], users[1], users[0], users[0], users[-1], users[1]]
+
+    for step, user_id in enumerate(order):
+        user = expected[user_id]
+        if step == 3:
+            reader.h5.close()  # the kept user's handles are now invalid
+
+        # Execute
+        read = reader.read_user(user.split, user_id, "coarse")
+        first = reader.read_image(user.split, user_id, 0)
+        labels = reader.read_labels(user.split, user_id, "coarse")
+        last = reader.read_images(user.split, user_id, [len(user.images) - 1], "coarse")
+
+        # Assert
+        np.testing.assert_array_equal(read.images, user.images)
+        np.testing.assert_array_equal(read.targets, multi_hot(user.coarse, mapping))
+        np.testing.assert_array_equal(first, user.images[0])
+        assert [sorted(x) for x in labels] == [sorted(x) for x in user.coarse]
+        np.testing.assert_array_equal(last.images[0], user.images[-1])
+    with pytest.raises(FlairFormatError, match="no user"):
+        reader.read_user(expected[users[0]].split, "no-such-user")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_label_indices_are_alphabetical(
     layout: Layout, prepared: dict[Layout, Path], expected: dict[str, ExpectedUser]
 ) -> None:

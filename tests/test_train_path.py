@@ -6,11 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from flair_fl.data.augment import TrainAugment
 from flair_fl.data.datasets import TrainImages
 from flair_fl.data.hdf5 import FlairHDF5
-from flair_fl.learning.local_training import LocalTraining, train_local
+from flair_fl.learning.local_training import (
+    LocalTraining,
+    batch_loader,
+    epoch_batches,
+    train_local,
+)
 from flair_fl.models.small_cnn import small_cnn
 
 CPU = torch.device("cpu")
@@ -75,6 +81,53 @@ def test_batches_augment_the_users_images_in_place(tiny_hdf5: Path) -> None:
     assert torch.equal(data.images, stored) and data.images.dtype == torch.uint8
     assert torch.equal(batch, direct)
     assert data[2][0] == 2 and torch.equal(data[2][1], data.targets[2])
+
+
+@pytest.mark.parametrize("size", [1, 3, 16, 17, 40])
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_epoch_batches_are_the_data_loaders(tiny_hdf5: Path, size: int, batch_size: int) -> None:
+    # Prepare: a TrainImages (whole batches) and a TensorDataset (item by item) of `size`
+    data = user_images(tiny_hdf5, 0)
+    data.targets = torch.rand(size, 3, generator=torch.Generator().manual_seed(size))
+    data.index = torch.arange(size)
+    tensors = TensorDataset(torch.arange(size), data.targets)
+    ours, torchs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    loader = DataLoader(tensors, batch_size=batch_size, shuffle=True, generator=torchs)
+
+    for _ in range(3):  # epochs
+        # Execute
+        mine = list(epoch_batches(data, batch_size, ours))
+        item_by_item = list(epoch_batches(tensors, batch_size, torch.Generator()))
+        theirs = list(loader)
+
+        # Assert: the same batches, in the same order, and the generator left where
+        # PyTorch leaves it (so every later epoch and draw is the same too)
+        assert len(mine) == len(theirs) == len(item_by_item)
+        for (index, targets), (their_index, their_targets) in zip(mine, theirs, strict=True):
+            assert torch.equal(index, their_index) and torch.equal(targets, their_targets)
+        assert all(len(b[0]) == len(m[0]) for b, m in zip(item_by_item, mine, strict=True))
+        assert torch.equal(ours.get_state(), torchs.get_state())
+
+
+def test_dp_sgd_takes_whole_batches_and_empty_poisson_batches(tiny_hdf5: Path) -> None:
+    # Prepare: a small user and a sample rate that draws empty Poisson batches often
+    data = user_images(tiny_hdf5, 0)
+    from opacus.data_loader import DPDataLoader  # opacus needs scipy (see `train`)
+
+    loader = DPDataLoader.from_data_loader(
+        batch_loader(data, 1, torch.Generator().manual_seed(0)),
+        generator=torch.Generator().manual_seed(0),
+    )
+
+    # Execute
+    batches = [batch for _ in range(20) for batch in loader]
+
+    # Assert: every batch is (indices, targets) of one length, empty ones included
+    sizes = [len(index) for index, _ in batches]
+    assert 0 in sizes and max(sizes) > 0
+    for index, targets in batches:
+        assert index.dtype == torch.int64 and targets.shape == (len(index), data.targets.shape[1])
+        assert torch.equal(targets, data.targets[index])
 
 
 @pytest.mark.gpu

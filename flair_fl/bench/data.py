@@ -6,8 +6,9 @@ for every epoch draw the batches in a seeded order and produce the augmented flo
 (RandomResizedCrop + flip + scale + normalise) on the device.
 - old: torchvision v2 transforms per image in `UserDataset.__getitem__`, a DataLoader
   collating float images, then `.to(device)` (the client's path before the batched one);
-- new: the user's images to the device once as uint8 (`TrainImages`), batches augmented
-  there (`TrainAugment`), JPEGs decoded there (nvJPEG on CUDA).
+- new: the user's images to the device once as uint8 (`TrainImages`), shuffled batches of
+  indices (`epoch_batches`), each batch augmented there (`TrainAugment`), JPEGs decoded
+  there (nvJPEG on CUDA).
 They run interleaved (old, new, old, new, ... per store and device), so load from other
 processes falls on both alike and their ratio is trustworthy on a shared machine.
 """
@@ -28,6 +29,7 @@ from flair_fl.data.datasets import TrainImages, UserDataset, build_transform
 from flair_fl.data.hdf5 import FlairHDF5
 from flair_fl.data.prepare import prepare_flair
 from flair_fl.data.synthetic import SyntheticSpec, generate_synthetic_flair, is_complete
+from flair_fl.learning.local_training import epoch_batches
 
 STORES = ("uint8", "jpeg")
 PATHS = ("old", "new")
@@ -91,10 +93,9 @@ def _new_path(reader: FlairHDF5, user: str, bench: TrainBench, device: torch.dev
         reader, user, "coarse", augment, generator, device, bench.max_images
     )
     order = torch.Generator().manual_seed(bench.seed)
-    loader = DataLoader(data, batch_size=bench.batch_size, shuffle=True, generator=order)
     seen = 0
     for _ in range(bench.epochs):
-        for index, _targets in loader:
+        for index, _targets in epoch_batches(data, bench.batch_size, order):
             seen += len(data.inputs(index))
     return seen
 
@@ -106,7 +107,7 @@ def _new_path_stages(
     reader: FlairHDF5, users: list[str], bench: TrainBench, device: torch.device
 ) -> dict[str, float]:
     """The new path once more, each stage's CPU time apart (ms per trained image): the HDF5
-    read, the user's images to the device (the JPEG store's decode), the DataLoader's batches
+    read, the user's images to the device (the JPEG store's decode), the shuffled batches
     of indices, the augmentation. Its own pass: the clock reads would tax the timed ones."""
     spent = dict.fromkeys(STAGES, 0.0)
     seen = 0
@@ -121,9 +122,8 @@ def _new_path_stages(
         data = TrainImages(stored, augment, generator, device)
         clock = _lap(spent, "to device", clock)
         order = torch.Generator().manual_seed(bench.seed)
-        loader = DataLoader(data, batch_size=bench.batch_size, shuffle=True, generator=order)
         for _ in range(bench.epochs):
-            for index, _targets in loader:
+            for index, _targets in epoch_batches(data, bench.batch_size, order):
                 clock = _lap(spent, "batch indices", clock)
                 seen += len(data.inputs(index))
                 clock = _lap(spent, "augment", clock)
@@ -254,8 +254,8 @@ def train_markdown(report: dict[str, Any]) -> list[str]:
         "Where the new path's CPU goes (ms per trained image; one more pass, each stage "
         "timed apart): read = HDF5 read of the user's images and labels; to device = the "
         "uint8 tensor on the device (the JPEG store's decode); batch indices = the "
-        "DataLoader's index batches; augment = crop parameters, resize, cast to float "
-        "planes, normalise.",
+        "shuffled index batches (`epoch_batches`: the DataLoader's order, without its "
+        "iterator); augment = crop parameters, resize, cast to float planes, normalise.",
         "",
         f"| device / store | {' | '.join(STAGES)} | total |",
         f"|---|{'---|' * (len(STAGES) + 1)}",

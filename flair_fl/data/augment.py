@@ -18,7 +18,9 @@ Performance).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,27 +121,35 @@ def to_model_input(
     if boxes is None and flips is None and rows is None:
         out.copy_(_resize(_resizable(nchw), size))
         return _normalize_(out, mean, std)
-    crops = boxes.tolist() if boxes is not None else [None] * len(picked)
+    height, width = images.shape[1:3]
+    crops = boxes.tolist() if boxes is not None else [(0, 0, height, width)] * len(picked)
     mirrored = flips.tolist() if flips is not None else [False] * len(picked)
-    for n, (row, box, flip) in enumerate(zip(picked, crops, mirrored, strict=True)):
-        crop = nchw[row : row + 1]
-        if box is not None:
-            top, left, h, w = box
-            crop = crop[:, :, top : top + h, left : left + w]
-        _write(out[n], _resize(_resizable(crop), size)[0], flip)
+    write = _cpu_writer(out) if images.device.type == "cpu" else _device_writer(out)
+    for n, (row, (top, left, h, w), flip) in enumerate(zip(picked, crops, mirrored, strict=True)):
+        crop = nchw[row : row + 1, :, top : top + h, left : left + w]
+        write(n, _resize(_resizable(crop), size)[0], flip)
     return _normalize_(out, mean, std)
 
 
-def _write(target: torch.Tensor, resized: torch.Tensor, flip: bool) -> None:
-    """One resized image (3, size, size) into its float32 slot of the batch, mirrored if
-    `flip`. On the CPU, NumPy's cast-copy through a negative-stride view (torch has none):
-    the mirror then costs no pass of its own, and the channels-last -> channel-planar cast
+def _cpu_writer(out: torch.Tensor) -> Callable[[int, torch.Tensor, bool], None]:
+    """Writes one resized uint8 image (3, size, size) into slot n of the float32 batch,
+    mirrored if asked: NumPy's cast-copy through a negative-stride view (torch has none),
+    so the mirror costs no pass of its own, and the channels-last -> channel-planar cast
     (as costly as the resize itself) runs ~10% faster than torch's `copy_`."""
-    if resized.device.type == "cpu":
+    planes = out.numpy()
+
+    def write(n: int, resized: torch.Tensor, flip: bool) -> None:
         pixels = resized.numpy()
-        np.copyto(target.numpy(), pixels[:, :, ::-1] if flip else pixels, casting="unsafe")
-    else:
-        target.copy_(resized.flip(-1) if flip else resized)
+        np.copyto(planes[n], pixels[:, :, ::-1] if flip else pixels, casting="unsafe")
+
+    return write
+
+
+def _device_writer(out: torch.Tensor) -> Callable[[int, torch.Tensor, bool], None]:
+    def write(n: int, resized: torch.Tensor, flip: bool) -> None:
+        out[n].copy_(resized.flip(-1) if flip else resized)
+
+    return write
 
 
 def _resizable(images: torch.Tensor) -> torch.Tensor:
@@ -171,10 +181,19 @@ def _normalize_(
     images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> torch.Tensor:
     """In place: (x / 255 - mean) / std as one multiply and one add per element."""
+    scale, shift = _affine(mean, std, images.device)
+    return images.mul_(scale).add_(shift)
+
+
+@functools.lru_cache(maxsize=16)
+def _affine(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 / (255 std), -mean / std) as (1, C, 1, 1) tensors on `device`, made once."""
     shape = (1, len(mean), 1, 1)
-    scale = torch.tensor([1 / (255 * s) for s in std], device=images.device).view(shape)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=images.device)
-    return images.mul_(scale).add_(shift.view(shape))
+    scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(shape)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=device)
+    return scale, shift.view(shape)
 
 
 @dataclass(frozen=True)

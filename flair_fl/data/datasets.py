@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,11 +127,24 @@ class TrainImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.index[index], self.targets[index]
 
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch at once, already collated (the DataLoader's fetcher calls this;
+        `collate_batch` passes it through): per-item fetching and default_collate's
+        stacking cost ~30 us per image, a fifth of the augmentation."""
+        index = torch.tensor(indices, dtype=torch.int64)
+        return index, self.targets[index]
+
     def inputs(
         self, index: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format
     ) -> torch.Tensor:
         """The augmented float32 batch (B, 3, size, size) of images `index`, on the device."""
         return self.augment(self.images, self.generator, memory_format, rows=index)
+
+
+def collate_batch(batch: Any) -> Any:
+    """The DataLoader's collate_fn for a dataset whose `__getitems__` returns the collated
+    batch (TrainImages): nothing left to do."""
+    return batch
 
 
 class SplitDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -126,19 +127,31 @@ class Layout(ABC):
         return f"{self.file.path}: split '{split}', user {user_id}"
 
 
+@dataclass(frozen=True)
+class OpenUser:
+    """A per-user group opened once for one read: its `images` dataset and their count
+    (every h5py look-up costs ~15 us, a read of a small user's pixels about as much)."""
+
+    group: h5py.Group
+    images: h5py.Dataset
+    size: int
+
+
 class PerUserLayout(Layout):
     """A group per user holding `images` (one row per image) and per-image members."""
 
     def __init__(self, file: HDF5File):
         super().__init__(file)
         self._checked: set[tuple[str, str]] = set()  # users whose members were checked
+        # The last user opened: a read asks for its size, then for its images and labels.
+        self._last: tuple[tuple[str, str, int], OpenUser] | None = None
 
     def sizes(self, split: str) -> dict[str, int]:
         group = self.file.split_group(split)
         return {user: int(group[user]["image_ids"].shape[0]) for user in group}
 
     def user_size(self, split: str, user_id: str) -> int:
-        return int(self.user_group(split, user_id)["images"].shape[0])
+        return self.open_user(split, user_id).size
 
     def store(self) -> str:
         for split in (s for s in SPLITS if s in self.file.h5):
@@ -148,33 +161,40 @@ class PerUserLayout(Layout):
                 )
         return "uint8"
 
-    def user_group(self, split: str, user_id: str) -> h5py.Group:
-        """A per-user group whose per-image members all have one length per image (checked
-        once per user and reader: a client reads its users again in later rounds)."""
-        group = self.file.split_group(split)
+    def open_user(self, split: str, user_id: str) -> OpenUser:
+        """A user's group and images, its per-image members checked to have one entry per
+        image (once per user and reader: a client reads its users again in later rounds).
+        The last user opened is kept (per process: a forked reader opens its own)."""
+        key = (split, user_id, os.getpid())
+        if self._last is not None and self._last[0] == key and self._last[1].group.id.valid:
+            return self._last[1]
         try:
-            user = group[user_id]
+            group = self.file.split_group(split)[user_id]
         except KeyError:
             raise FlairFormatError(
                 f"{self.file.path}: no user {user_id!r} in split '{split}'"
             ) from None
-        if (split, user_id) in self._checked:
-            return user
-        n_images = int(user["images"].shape[0])
-        per_image = ("image_ids", "labels", "fine_grained_labels")  # the last two: mlflair
-        for name in (m for m in per_image if m in user):
-            if user[name].shape[0] != n_images:
-                raise FlairFormatError(
-                    f"{self.file.path}: split '{split}', user {user_id}: {n_images} images but "
-                    f"{user[name].shape[0]} entries in '{name}' (they must match)"
-                )
-        self._checked.add((split, user_id))
+        images = group["images"]
+        user = OpenUser(group, images, int(images.shape[0]))
+        if (split, user_id) not in self._checked:
+            self._check_members(split, user_id, user)
+            self._checked.add((split, user_id))
+        self._last = (key, user)
         return user
+
+    def _check_members(self, split: str, user_id: str, user: OpenUser) -> None:
+        members = set(user.group)
+        for name in ("image_ids", "labels", "fine_grained_labels"):  # the last two: mlflair
+            if name in members and (length := user.group[name].shape[0]) != user.size:
+                raise FlairFormatError(
+                    f"{self.file.path}: split '{split}', user {user_id}: {user.size} images "
+                    f"but {length} entries in '{name}' (they must match)"
+                )
 
     def read(
         self, split: str, user_id: str, index: np.ndarray, mapping: dict[str, int], key: str
     ) -> StoredUser:
-        user = self.user_group(split, user_id)
+        user = self.open_user(split, user_id)
         # A contiguous prefix reads as one slice; h5py's point selection is slower.
         contiguous = index.size and index[-1] - index[0] + 1 == index.size
         selection = slice(int(index[0]), int(index[-1]) + 1) if contiguous else index
@@ -190,7 +210,7 @@ class PerUserLayout(Layout):
     @abstractmethod
     def targets(
         self,
-        user: h5py.Group,
+        user: OpenUser,
         key: str,
         index: np.ndarray,
         selection: slice | np.ndarray,
@@ -200,16 +220,17 @@ class PerUserLayout(Layout):
         """Multi-hot targets (float32) of the selected images."""
 
     def pixels(
-        self, user: h5py.Group, selection: slice | np.ndarray, name: str, index: np.ndarray
+        self, user: OpenUser, selection: slice | np.ndarray, name: str, index: np.ndarray
     ) -> StoredImages:
         """uint8 (n, H, W, 3) stored pixels, or the compact store's JPEG bytes (undecoded)."""
-        dataset = user["images"]
+        dataset = user.images
         if h5py.check_vlen_dtype(dataset.dtype) is None:
             return StoredImages(pixels=np.asarray(dataset[selection]))
         names = tuple(f"{self.file.path}: {name}[{i}]" for i in index)
         jpegs = list(dataset[selection])
-        if CRC_DATASET in user:  # prepared with checksums: HDF5 cannot filter vlen rows
-            for stored, jpeg, where in zip(user[CRC_DATASET][selection], jpegs, names, strict=True):
+        if CRC_DATASET in user.group:  # prepared with checksums: HDF5 cannot filter vlen rows
+            checksums = user.group[CRC_DATASET][selection]
+            for stored, jpeg, where in zip(checksums, jpegs, names, strict=True):
                 if zlib.crc32(jpeg.tobytes()) != int(stored):
                     raise FlairFormatError(
                         f"{where}: the JPEG bytes fail their CRC-32 checksum; " + DAMAGED
@@ -217,8 +238,8 @@ class PerUserLayout(Layout):
         return StoredImages(jpegs=jpegs, names=names)
 
     def image(self, split: str, user_id: str, index: int) -> np.ndarray:
-        user = self.user_group(split, user_id)
-        n_images = int(user["images"].shape[0])
+        user = self.open_user(split, user_id)
+        n_images = user.size
         if not -n_images <= index < n_images:
             raise IndexError(
                 f"{self.file.path}: user {user_id} has {n_images} images, no [{index}]"
@@ -243,7 +264,7 @@ class PflLayout(PerUserLayout):
 
     def targets(
         self,
-        user: h5py.Group,
+        user: OpenUser,
         key: str,
         index: np.ndarray,
         selection: slice | np.ndarray,
@@ -251,10 +272,10 @@ class PflLayout(PerUserLayout):
         where: str,
     ) -> np.ndarray:
         return indexed_targets(
-            user[f"{key}_row"][()],
-            user[f"{key}_col"][()],
+            user.group[f"{key}_row"][()],
+            user.group[f"{key}_col"][()],
             index,
-            int(user["images"].shape[0]),
+            user.size,
             len(mapping),
             f"{where}: {key}_row/_col",
         )
@@ -262,9 +283,9 @@ class PflLayout(PerUserLayout):
     def labels(
         self, split: str, user_id: str, key: str, names: dict[int, str]
     ) -> list[tuple[str, ...]]:
-        user = self.user_group(split, user_id)
-        rows, cols = user[f"{key}_row"][()], user[f"{key}_col"][()]
-        n_images = int(user["images"].shape[0])
+        user = self.open_user(split, user_id)
+        rows, cols = user.group[f"{key}_row"][()], user.group[f"{key}_col"][()]
+        n_images = user.size
         check_label_indices(
             rows, cols, n_images, len(names), f"{self.where(split, user_id)}: {key}_row/_col"
         )
@@ -294,19 +315,19 @@ class MlFlairLayout(PerUserLayout):
 
     def targets(
         self,
-        user: h5py.Group,
+        user: OpenUser,
         key: str,
         index: np.ndarray,
         selection: slice | np.ndarray,
         mapping: dict[str, int],
         where: str,
     ) -> np.ndarray:
-        return targets_from_strings(list(user[key][selection]), mapping, where)
+        return targets_from_strings(list(user.group[key][selection]), mapping, where)
 
     def labels(
         self, split: str, user_id: str, key: str, names: dict[int, str]
     ) -> list[tuple[str, ...]]:
-        return [split_labels(joined) for joined in self.user_group(split, user_id)[key][()]]
+        return [split_labels(joined) for joined in self.open_user(split, user_id).group[key][()]]
 
 
 class CentralLayout(Layout):

@@ -5,14 +5,15 @@ The federated client, the centralized baseline and the benchmark reference all c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
+from flair_fl.data.datasets import TrainImages, collate_batch
 from flair_fl.data.eval_split import EvalImages
 from flair_fl.learning.metrics import MetricState
 
@@ -66,11 +67,10 @@ def train_local(
     corrections = [grad_correction[n].to(device) for n, _ in named] if grad_correction else []
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
     global_params = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=settings.precision == "bf16")
     loss_sum, seen, steps = torch.zeros((), device=device), 0, 0  # summed on the device: no
     for _ in range(settings.epochs):  # host sync per step
-        for batch, targets in loader:
+        for batch, targets in epoch_batches(dataset, settings.batch_size, generator):
             images = batch_input(batch, device, memory_format, inputs)
             targets = targets.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
@@ -96,6 +96,39 @@ def train_local(
         "num_examples": float(len(dataset)),  # type: ignore[arg-type]
         "num_steps": float(steps),
     }
+
+
+def epoch_batches(
+    dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int,
+    generator: torch.Generator,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled batches: exactly those, in the order and with the random draws,
+    of `DataLoader(dataset, batch_size, shuffle=True, generator=generator)`
+    (tests/test_local_training.py holds them equal), without its per-epoch iterator, which
+    costs a user of a few images as much as its HDF5 read. A TrainImages hands over each
+    batch whole (`__getitems__`); any other dataset is collated item by item."""
+    n = len(dataset)  # type: ignore[arg-type]
+    torch.empty((), dtype=torch.int64).random_(generator=generator)  # the iterator's base seed
+    order = torch.randperm(n, generator=generator)  # RandomSampler's permutation
+    torch.randperm(n, generator=generator)  # and the one it draws for the (empty) remainder
+    for index in order.split(batch_size):
+        if isinstance(dataset, TrainImages):
+            yield dataset.__getitems__(index.tolist())
+        else:
+            yield default_collate([dataset[i] for i in index.tolist()])
+
+
+def batch_loader(
+    dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int,
+    generator: torch.Generator,
+) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
+    """A sequential DataLoader over `dataset`, for Opacus to turn into its Poisson loader
+    (DP-SGD): a TrainImages hands over each batch whole, any other dataset is collated item
+    by item."""
+    collate = collate_batch if isinstance(dataset, TrainImages) else None
+    return DataLoader(dataset, batch_size=batch_size, generator=generator, collate_fn=collate)
 
 
 def batch_input(

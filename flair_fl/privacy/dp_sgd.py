@@ -23,7 +23,12 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from flair_fl.learning.local_training import BatchInputs, LocalTraining, batch_input
+from flair_fl.learning.local_training import (
+    BatchInputs,
+    LocalTraining,
+    batch_input,
+    batch_loader,
+)
 from flair_fl.privacy.opacus_models import (
     copy_parameters_back,
     opacus_ready_copy,
@@ -84,7 +89,7 @@ def train_local_dp_sgd(
     params = [p for _, p in named]
     corrections = [grad_correction[n].to(device) for n, _ in named] if grad_correction else []
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, generator=generator)
+    loader = batch_loader(dataset, settings.batch_size, generator)
     engine, (hooks, dp_optimizer, dp_loader) = _make_private(
         private, optimizer, loader, dp, (device, generator)
     )
