@@ -15,6 +15,11 @@ and resized once, batched normalisation on the device), paired repeats, for the 
 JPEG store and each of `--models` (default: meanpool, a near-free model that leaves the data
 path to time, and smallcnn); the same metrics from both (their largest difference is
 reported).
+
+`--mode contention`: `--clients` training processes run the client's path on the first of
+`--models` without pause while the driver sleeps, evaluates back to back (as `eval.overlap`
+does), then sleeps again: the clients' images/s in each phase says whether the evaluation
+starves them. On the last device of `--devices`. Not part of `--mode all` (train and eval).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 
 import torch
 
+from flair_fl.bench.contention import ContentionWorkload, contention_markdown, run_contention
 from flair_fl.bench.data import TrainBench, run_train_bench, train_markdown
 from flair_fl.bench.data_eval import MODELS, EvalWorkload, eval_markdown, run_eval_benchmark
 from flair_fl.bench.run import command_line, machine
@@ -59,11 +65,26 @@ def eval_mode(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     return report, eval_markdown(report)
 
 
+def contention_mode(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    shared = _given(args, "image_size", "input_size", "cache_dir", "precision")
+    work = ContentionWorkload(
+        clients=args.clients,
+        model=args.models[0],
+        phase_s=args.phase_s,
+        eval_users=args.users or ContentionWorkload.eval_users,
+        **shared,
+    )
+    report = run_contention(work, torch.device(args.devices[-1]))
+    return report, contention_markdown(report)
+
+
 # Each mode: a function of the parsed arguments -> (its report, its markdown lines).
 MODES: dict[str, Callable[[argparse.Namespace], tuple[dict[str, Any], list[str]]]] = {
     "train": train_mode,
     "eval": eval_mode,
+    "contention": contention_mode,
 }
+ALL = ("train", "eval")  # --mode all
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -88,6 +109,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=int, default=EvalWorkload.batch_size, help="eval")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=EvalWorkload.precision)
+    parser.add_argument(
+        "--clients", type=int, default=ContentionWorkload.clients, help="contention"
+    )
+    parser.add_argument(
+        "--phase-s", type=float, default=ContentionWorkload.phase_s, help="contention"
+    )
     args = parser.parse_args(argv)
     if "cuda" in args.devices and not torch.cuda.is_available():
         parser.exit(2, "bench_data.py: --devices cuda: no CUDA device here\n")
@@ -107,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Command: `{report['command']}`",
         "",
     ]
-    for mode in MODES if args.mode == "all" else [args.mode]:
+    for mode in ALL if args.mode == "all" else [args.mode]:
         report[mode], mode_lines = MODES[mode](args)
         lines += [*mode_lines, ""]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@
 # GPU-marked tests, a short `simulation=gpu` run with overlapped evaluation, the data-path
 # benchmark (train and eval modes, CUDA) and 3 rounds (after 1 warm-up) of the FLAIR
 # benchmark setting (resnet18, 224 px, cohort 200) in bf16 and fp32 beside the pure-PyTorch
-# reference. Each step has its own time limit (a hang costs that step only) and the whole
+# reference, and between those two whether the driver's evaluation starves clients that
+# share the GPU (bench_data.py --mode contention). Each step has its own time limit (a hang costs that step only) and the whole
 # check a deadline; a failed step is reported and the next one runs. OUT_DIR gets
 # steps.jsonl (one line per step: rc, seconds, limit), logs/STEP.log and the benchmarks'
 # JSON and markdown. Exit status: the number of failed steps (0: all passed).
@@ -66,6 +67,8 @@ if ((CPU)); then
   FLAIR=(--device cpu --model smallcnn --image-size 16 --cohort 3 --epochs 1 --batch-size 4
     --num-cpus 1 --num-gpus 0 --users 20 --rounds 1 --warmup 0 --reference-threads 1)
   PRECISIONS=(fp32)
+  CONTENTION=(--devices cpu --clients 1 --users 12 --image-size 32 --input-size 24
+    --models smallcnn --phase-s 1.5)
 else
   SIM=(simulation=gpu num_rounds=3)
   DATA=(--devices cuda --users 400 --repeats 3)
@@ -73,6 +76,9 @@ else
     --batch-size 16 --num-cpus 2 --num-gpus 0.125 --users 400 --rounds 3 --warmup 1
     --reference-threads 2)
   PRECISIONS=(bf16 fp32)
+  # Eight clients (num_gpus 0.125) training resnet18 in bf16 while the driver evaluates.
+  CONTENTION=(--devices cuda --clients 8 --users 400 --models resnet18 --precision bf16
+    --phase-s 8)
 fi
 
 step machine 20 bash -c "nvidia-smi || true; $PY --version; nproc; free -g; uptime"
@@ -84,10 +90,15 @@ step simulation 60 "$PY" -m flair_fl.run debug=tiny "${SIM[@]}" eval.overlap=tru
   "hydra.run.dir=$OUT_DIR/simulation" "data.cache_dir=$WORK/data"
 step data-path 75 "$PY" scripts/bench_data.py --mode all --name data-path --out "$OUT_DIR" \
   --cache-dir "$WORK/data" "${DATA[@]}"
-for precision in "${PRECISIONS[@]}"; do
-  step "flair-$precision" 110 "$PY" scripts/bench.py "$NO_PLOTS" --name "flair-$precision" \
-    --out "$OUT_DIR" --cache-dir "$WORK/data" --transport shared --precision "$precision" \
-    "${FLAIR[@]}"
+flair() { # flair PRECISION: the FLAIR benchmark setting beside the pure-PyTorch reference
+  step "flair-$1" 110 "$PY" scripts/bench.py "$NO_PLOTS" --name "flair-$1" --out "$OUT_DIR" \
+    --cache-dir "$WORK/data" --transport shared --precision "$1" "${FLAIR[@]}"
+}
+flair "${PRECISIONS[0]}"
+step contention 60 "$PY" scripts/bench_data.py --mode contention --name contention \
+  --out "$OUT_DIR" --cache-dir "$WORK/data" "${CONTENTION[@]}"
+for precision in "${PRECISIONS[@]:1}"; do
+  flair "$precision"
 done
 
 rm -rf "$WORK"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from flair_fl.bench.contention import phase_rates
 from flair_fl.bench.data import TrainBench, run_train_bench, train_markdown
 from scripts.bench_data import main
 
@@ -62,3 +63,38 @@ def test_eval_mode_writes_paired_results_for_both_stores(tmp_path: Path) -> None
         first = result["in_memory_load_once_s"] + result["in_memory_s"][0]
         assert result["ratio_first_evaluation"] >= first / max(result["per_image_s"]) > 0
     assert "Load average" in (tmp_path / "tiny.md").read_text()
+
+
+def testphase_rates_count_each_training_in_the_phase_it_ended() -> None:
+    # Prepare: two clients; phases [0, 2), [2, 3), [3, 5)
+    ends = [[(0.5, 10), (1.9, 10), (2.5, 10), (4.0, 10)], [(2.0, 4), (3.0, 6), (5.0, 99)]]
+
+    # Execute
+    rates = phase_rates(ends, [0.0, 2.0, 3.0, 5.0])
+
+    # Assert: by hand; a training ending at an edge counts in the next phase, after the
+    # last edge in none
+    assert rates == {"alone": 20 / 2, "beside evaluation": 14 / 1, "alone again": 16 / 2}
+
+
+def test_contention_mode_measures_clients_in_every_phase(tmp_path: Path) -> None:
+    # Prepare: one real client process (spawned) beside the driver's evaluation, tiny
+    args = [
+        *("--mode", "contention", "--name", "contention", "--out", str(tmp_path)),
+        *("--devices", "cpu", "--users", "12", "--image-size", "32", "--input-size", "24"),
+        *("--clients", "1", "--phase-s", "1.5", "--models", "smallcnn", "--cache-dir"),
+        str(tmp_path / "data"),
+    ]
+
+    # Execute
+    assert main(args) == 0
+
+    # Assert: the client trained in each phase; the evaluation ran alone and beside it
+    report = json.loads((tmp_path / "contention.json").read_text())["contention"]
+    rates = report["clients_images_per_s"]
+    assert set(rates) == {"alone", "beside evaluation", "alone again"}
+    assert all(rate > 0 for rate in rates.values())
+    alone = (rates["alone"] + rates["alone again"]) / 2
+    assert report["clients_ratio_beside_evaluation"] == rates["beside evaluation"] / alone
+    assert report["eval_images_per_s_alone"] > 0 and report["eval_images_per_s_beside_clients"] > 0
+    assert "ratio beside / alone" in (tmp_path / "contention.md").read_text()

@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
-CPU_STEPS = ["machine", "gpu-tests", "simulation", "data-path", "flair-fp32"]
+CPU_STEPS = ["machine", "gpu-tests", "simulation", "data-path", "flair-fp32", "contention"]
 
 
 def _check(out: Path, python: str, seconds: int = 900) -> subprocess.CompletedProcess[str]:
@@ -63,5 +63,5 @@ def test_cpu_mode_runs_every_step(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     assert _steps(tmp_path) == dict.fromkeys(CPU_STEPS, 0)
     assert json.loads((tmp_path / "simulation" / "results.json").read_text())["rounds"] == 2
-    for report in ("data-path", "flair-fp32"):
+    for report in ("data-path", "flair-fp32", "contention"):
         assert json.loads((tmp_path / f"{report}.json").read_text())
