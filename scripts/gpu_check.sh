@@ -78,7 +78,7 @@ else
   PRECISIONS=(bf16 fp32)
   # Eight clients (num_gpus 0.125) training resnet18 in bf16 while the driver evaluates.
   CONTENTION=(--devices cuda --clients 8 --users 400 --models resnet18 --precision bf16
-    --phase-s 8)
+    --phase-s 6)
 fi
 
 step machine 20 bash -c "nvidia-smi || true; $PY --version; nproc; free -g; uptime"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from flair_fl.bench.contention import phase_rates
@@ -24,10 +25,12 @@ def test_train_bench_times_old_and_new_on_the_same_images(tmp_path: Path) -> Non
     # Assert: each path trained the same images; CPU times and the ratios are there
     results = report["results"]
     for store in ("uint8", "jpeg", "augment only"):
-        old, new = results[f"cpu/{store}/old"], results[f"cpu/{store}/new"]
-        assert old["trained_images"] == new["trained_images"] > 0
-        assert len(new["cpu_ms_per_image_each_repeat"]) == 1
-        assert new["cpu_ratio_to_old"] == new["cpu_ms_per_image"] / old["cpu_ms_per_image"]
+        old = results[f"cpu/{store}/old"]
+        for path in ("new", "new-nhwc"):
+            new = results[f"cpu/{store}/{path}"]
+            assert old["trained_images"] == new["trained_images"] > 0
+            assert len(new["cpu_ms_per_image_each_repeat"]) == 1
+            assert new["cpu_ratio_to_old"] == new["cpu_ms_per_image"] / old["cpu_ms_per_image"]
     assert len(report["load_average_before"]) == 3
     assert any("| cpu / jpeg | new |" in line for line in train_markdown(report))
     # ... and where the new path's CPU went, stage by stage, for each store
@@ -39,7 +42,7 @@ def test_train_bench_times_old_and_new_on_the_same_images(tmp_path: Path) -> Non
         assert set(stages) == {"read", "to device", "batch indices", "augment"}
         assert all(ms >= 0 for ms in stages.values()) and stages["augment"] > 0
         rows = [line for line in train_markdown(report) if line.startswith(f"| cpu / {store} |")]
-        assert len(rows) == 3  # old, new, and the stage row
+        assert len(rows) == 4  # old, new, new-nhwc, and the stage row
     json.dumps(report)  # the script writes it as JSON
 
 
@@ -65,16 +68,21 @@ def test_eval_mode_writes_paired_results_for_both_stores(tmp_path: Path) -> None
     assert "Load average" in (tmp_path / "tiny.md").read_text()
 
 
-def testphase_rates_count_each_training_in_the_phase_it_ended() -> None:
-    # Prepare: two clients; phases [0, 2), [2, 3), [3, 5)
-    ends = [[(0.5, 10), (1.9, 10), (2.5, 10), (4.0, 10)], [(2.0, 4), (3.0, 6), (5.0, 99)]]
+def test_phase_rates_share_each_training_between_the_phases_it_spans() -> None:
+    # Prepare: phases [0, 2), [2, 3), [3, 5); client A trains 10 images in [0, 1], 12 in
+    # [1, 2.5] (1 s of its 1.5 before the edge at 2), 7 in [2.5, 6] (past the last edge);
+    # client B 4 images in [2, 3]
+    trainings = [[(0.0, 1.0, 10), (1.0, 2.5, 12), (2.5, 6.0, 7)], [(2.0, 3.0, 4)]]
 
     # Execute
-    rates = phase_rates(ends, [0.0, 2.0, 3.0, 5.0])
+    rates = phase_rates(trainings, [0.0, 2.0, 3.0, 5.0])
 
-    # Assert: by hand; a training ending at an edge counts in the next phase, after the
-    # last edge in none
-    assert rates == {"alone": 20 / 2, "beside evaluation": 14 / 1, "alone again": 16 / 2}
+    # Assert: by hand
+    alone = (10 + 12 * 1 / 1.5) / 2
+    beside = (12 * 0.5 / 1.5 + 7 * 0.5 / 3.5 + 4) / 1
+    again = (7 * 2 / 3.5) / 2
+    expected = {"alone": alone, "beside evaluation": beside, "alone again": again}
+    assert rates == pytest.approx(expected, rel=1e-12)
 
 
 def test_contention_mode_measures_clients_in_every_phase(tmp_path: Path) -> None:

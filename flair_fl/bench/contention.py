@@ -8,7 +8,8 @@ processes (spawned, as Ray's actors are separate processes) each run the client'
 `client_model` without pause, while the driver process sleeps for a phase, then evaluates
 back to back for a phase (`CentralEvaluator`, on its own CUDA stream, as a run does), then
 sleeps again. Every client records when each of its local trainings ended, so its images/s
-is known in each phase; the evaluation's own images/s is measured alone first.
+is known in each phase (a training spanning two phases counts in each with its share of
+time); the evaluation's own images/s is measured alone first.
 
 Reported: the clients' summed images/s alone (the two quiet phases) and beside the
 evaluation, their ratio (1.0: no starvation), and the evaluation's images/s alone and
@@ -48,7 +49,7 @@ class ContentionWorkload:
     image_size: int = 256  # stored px (the eval split's and the clients' images)
     input_size: int = 224
     batch_size: int = 16  # the clients'
-    client_images: int = 64  # one local training = one epoch over this many images
+    client_images: int = 32  # one local training = one epoch over this many images
     eval_users: int = 400  # the synthetic population whose val split is evaluated
     eval_batch_size: int = 512
     precision: str = "fp32"  # the clients' and the evaluation's (fp32 | bf16)
@@ -65,8 +66,8 @@ def _client(
     stop: Any,
     results: Any,
 ) -> None:
-    """One client process: local trainings back to back until `stop`; reports the end time
-    and image count of each (after `start`)."""
+    """One client process: local trainings back to back until `stop`; reports when each
+    began and ended and its images (after `start`)."""
     torch.set_num_threads(work.client_threads)
     device = torch.device(device_name)
     rng = np.random.default_rng(os.getpid())
@@ -86,11 +87,12 @@ def _client(
     train_local(model, data, settings, device, generator, inputs=data.inputs)  # warm-up
     ready.put(os.getpid())
     start.wait()
-    ends: list[tuple[float, int]] = []
+    trainings: list[tuple[float, float, int]] = []
     while not stop.is_set():
+        began = time.monotonic()
         stats = train_local(model, data, settings, device, generator, inputs=data.inputs)
-        ends.append((time.monotonic(), int(stats["num_examples"])))
-    results.put(ends)
+        trainings.append((began, time.monotonic(), int(stats["num_examples"])))
+    results.put(trainings)
 
 
 def _evaluate_for(evaluator: CentralEvaluator, arrays: ArrayRecord, seconds: float) -> float:
@@ -141,13 +143,13 @@ def run_contention(work: ContentionWorkload, device: torch.device) -> dict[str, 
         time.sleep(work.phase_s)
         edges.append(time.monotonic())
         stop.set()
-        ends = [results.get(timeout=300) for _ in clients]
+        trainings = [results.get(timeout=300) for _ in clients]
     finally:
         for process in clients:
             process.join(timeout=60)
             if process.is_alive():
                 process.kill()
-    rates = phase_rates(ends, edges)
+    rates = phase_rates(trainings, edges)
     alone = (rates[PHASES[0]] + rates[PHASES[2]]) / 2
     return {
         "workload": asdict(work),
@@ -161,11 +163,19 @@ def run_contention(work: ContentionWorkload, device: torch.device) -> dict[str, 
     }
 
 
-def phase_rates(ends: list[list[tuple[float, int]]], edges: list[float]) -> dict[str, float]:
-    """Summed client images/s per phase: the images of the local trainings that ended in it."""
+def phase_rates(
+    trainings: list[list[tuple[float, float, int]]], edges: list[float]
+) -> dict[str, float]:
+    """Summed client images/s per phase: each local training (began, ended, images) counts
+    in a phase with the share of its time that fell in it."""
     rates = {}
     for phase, (begin, end) in zip(PHASES, itertools.pairwise(edges), strict=True):
-        images = sum(n for client in ends for t, n in client if begin <= t < end)
+        images = sum(
+            n * max(0.0, min(stop, end) - max(start, begin)) / (stop - start)
+            for client in trainings
+            for start, stop, n in client
+            if stop > start
+        )
         rates[phase] = images / (end - begin)
     return rates
 

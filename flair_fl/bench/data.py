@@ -32,7 +32,8 @@ from flair_fl.data.synthetic import SyntheticSpec, generate_synthetic_flair, is_
 from flair_fl.learning.local_training import epoch_batches
 
 STORES = ("uint8", "jpeg")
-PATHS = ("old", "new")
+PATHS = ("old", "new", "new-nhwc")  # new-nhwc: the new path's channels-last batches
+FORMATS = {"new": torch.contiguous_format, "new-nhwc": torch.channels_last}
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,9 @@ def _old_path(reader: FlairHDF5, user: str, bench: TrainBench, device: torch.dev
     return seen
 
 
-def _new_path(reader: FlairHDF5, user: str, bench: TrainBench, device: torch.device) -> int:
+def _new_path(
+    reader: FlairHDF5, user: str, bench: TrainBench, device: torch.device, path: str
+) -> int:
     augment, generator = TrainAugment(bench.input_size), torch.Generator().manual_seed(bench.seed)
     data = TrainImages.from_file(
         reader, user, "coarse", augment, generator, device, bench.max_images
@@ -96,7 +99,7 @@ def _new_path(reader: FlairHDF5, user: str, bench: TrainBench, device: torch.dev
     seen = 0
     for _ in range(bench.epochs):
         for index, _targets in epoch_batches(data, bench.batch_size, order):
-            seen += len(data.inputs(index))
+            seen += len(data.inputs(index, FORMATS[path]))
     return seen
 
 
@@ -152,7 +155,7 @@ def _augment_only(path: str, bench: TrainBench, device: torch.device) -> dict[st
         if path == "old":
             torch.stack([transform(image) for image in chw])
         else:
-            augment(nhwc, g)
+            augment(nhwc, g, FORMATS[path])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return {
@@ -165,9 +168,11 @@ def _augment_only(path: str, bench: TrainBench, device: torch.device) -> dict[st
 def _timed(
     path: str, reader: FlairHDF5, users: list[str], bench: TrainBench, device: torch.device
 ) -> dict[str, float]:
-    run = _old_path if path == "old" else _new_path
     cpu, wall = time.process_time(), time.perf_counter()
-    images = sum(run(reader, user, bench, device) for user in users)
+    if path == "old":
+        images = sum(_old_path(reader, user, bench, device) for user in users)
+    else:
+        images = sum(_new_path(reader, user, bench, device, path) for user in users)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return {
@@ -214,10 +219,10 @@ def run_train_bench(bench: TrainBench, devices: list[torch.device]) -> dict[str,
         }
     for device in devices:
         for store in (*STORES, "augment only"):
-            old, new = (results[f"{device.type}/{store}/{p}"] for p in PATHS)
-            results[f"{device.type}/{store}/new"]["cpu_ratio_to_old"] = (
-                new["cpu_ms_per_image"] / old["cpu_ms_per_image"]
-            )
+            old = results[f"{device.type}/{store}/old"]
+            for path in PATHS[1:]:
+                new = results[f"{device.type}/{store}/{path}"]
+                new["cpu_ratio_to_old"] = new["cpu_ms_per_image"] / old["cpu_ms_per_image"]
     return {
         "workload": asdict(bench),
         "train_users": len(users),
@@ -237,7 +242,9 @@ def train_markdown(report: dict[str, Any]) -> list[str]:
         f"{w['epochs']} epochs of batch {w['batch_size']}, {w['threads']} torch thread(s), "
         f"{w['repeats']} interleaved old/new repeats; no model (the data path alone). "
         "Store rows: read + decode + augment + to device per user; `augment only`: the "
-        "transforms alone on a batch of in-memory images.",
+        "transforms alone on a batch of in-memory images. Paths: old = per-image torchvision "
+        "transforms; new = batched, channel-planar float batches (the default); new-nhwc = "
+        "batched, channels-last float batches (`client.channels_last=true`).",
         "",
         "| device / store | path | CPU ms per trained image | images/s (wall) | new / old CPU |",
         "|---|---|---|---|---|",
