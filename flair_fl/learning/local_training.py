@@ -107,14 +107,14 @@ def epoch_batches(
     of `DataLoader(dataset, batch_size, shuffle=True, generator=generator)`
     (tests/test_local_training.py holds them equal), without its per-epoch iterator, which
     costs a user of a few images as much as its HDF5 read. A TrainImages hands over each
-    batch whole (`__getitems__`); any other dataset is collated item by item."""
+    batch whole (`batch`); any other dataset is collated item by item."""
     n = len(dataset)  # type: ignore[arg-type]
     torch.empty((), dtype=torch.int64).random_(generator=generator)  # the iterator's base seed
     order = torch.randperm(n, generator=generator)  # RandomSampler's permutation
     torch.randperm(n, generator=generator)  # and the one it draws for the (empty) remainder
     for index in order.split(batch_size):
         if isinstance(dataset, TrainImages):
-            yield dataset.__getitems__(index.tolist())
+            yield dataset.batch(index)
         else:
             yield default_collate([dataset[i] for i in index.tolist()])
 
