@@ -105,7 +105,7 @@ def epoch_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled batches: exactly those, in the order and with the random draws,
     of `DataLoader(dataset, batch_size, shuffle=True, generator=generator)`
-    (tests/test_local_training.py holds them equal), without its per-epoch iterator, which
+    (tests/test_train_path.py holds them equal), without its per-epoch iterator, which
     costs a user of a few images as much as its HDF5 read. A TrainImages hands over each
     batch whole (`batch`); any other dataset is collated item by item."""
     n = len(dataset)  # type: ignore[arg-type]
